@@ -1,0 +1,10 @@
+"""Model zoo. Every module in this package registers its models on import."""
+import importlib
+import pkgutil
+
+from .base import MODELS, StagedNet, build_model, init_weights
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["MODELS", "StagedNet", "build_model", "init_weights"]

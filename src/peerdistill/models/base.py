@@ -1,0 +1,85 @@
+"""The model contract every network in the zoo satisfies (DESIGN §3).
+
+A :class:`StagedNet` is ``stem -> stages[0] -> ... -> stages[-1] -> global average pool -> classifier``.
+Models know nothing about distillation; the engine asks for what a method needs:
+
+* ``forward_features(x)`` -> ordered ``{stage_name: feature map}`` (the last map is the one pooled);
+* ``forward_head(fmap, pre_logits=False)`` -> logits, or the pooled embedding when ``pre_logits``;
+* ``num_features`` (embedding width), ``stage_names``, ``classifier`` (the ``nn.Linear`` head);
+* ``forward(x)`` -> logits, so every model stays an ordinary ``nn.Module``.
+
+Anything applied after the last block and before pooling (a final BN-ReLU, MobileNetV2's 1x1 conv)
+belongs to the last stage, so ``stages[k:]`` plus the head is always a valid "branch" for
+:class:`peerdistill.models.branched.BranchedNet`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+MODELS: Registry[StagedNet] = Registry("model")
+
+
+class StagedNet(nn.Module):
+    """A classifier made of a stem, named stages and a linear head.
+
+    Args:
+        stem: module applied to the input.
+        stages: ``(name, module)`` pairs applied in order.
+        num_features: channels of the last stage's output (= embedding width).
+        num_classes: number of output classes.
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[tuple[str, nn.Module]],
+                 num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stage_names: tuple[str, ...] = tuple(name for name, _ in stages)
+        self.stages = nn.ModuleList(module for _, module in stages)
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Return every stage's output map, in order. The last one is pooled by the head."""
+        x = self.stem(x)
+        maps: dict[str, Tensor] = {}
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            maps[name] = x
+        return maps
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        """Global average pooling: (B, C, H, W) -> (B, C)."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
+
+    def forward_head(self, fmap: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool the last stage map and classify it (or return the pooled embedding)."""
+        emb = self.pool(fmap)
+        return emb if pre_logits else self.classifier(emb)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x)[self.stage_names[-1]])
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal convolutions, unit BN, zero biases: the CIFAR convention of the reference codes."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def build_model(name: str, num_classes: int, in_channels: int, **kwargs: object) -> StagedNet:
+    """Build a registered model; every constructor takes ``num_classes`` and ``in_channels``."""
+    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)

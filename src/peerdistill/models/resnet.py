@@ -1,0 +1,80 @@
+"""CIFAR-style ResNets (He et al. 2016, §4.2): 3 stages of 16/32/64 channels, depth = 6n + 2 (basic)
+or 9n + 2 (bottleneck, as ResNet-110 in MCL/PCL), and the wide "x4" variants of CRD (32/64/128 x 4)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import MODELS, StagedNet, init_weights
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, planes, 3, stride), conv_bn(planes, planes, 3, relu=False))
+        self.short = (nn.Identity() if stride == 1 and cin == planes
+                      else conv_bn(cin, planes, 1, stride, relu=False))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.short(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(conv_bn(cin, planes, 1), conv_bn(planes, planes, 3, stride),
+                                  conv_bn(planes, cout, 1, relu=False))
+        self.short = (nn.Identity() if stride == 1 and cin == cout
+                      else conv_bn(cin, cout, 1, stride, relu=False))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.short(x))
+
+
+def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64),
+                 bottleneck: bool = False) -> StagedNet:
+    """Build a 3-stage CIFAR ResNet of the given depth."""
+    block = Bottleneck if bottleneck else BasicBlock
+    per = 9 if bottleneck else 6
+    if (depth - 2) % per:
+        raise ValueError(f"depth {depth} is not {per}n+2")
+    n = (depth - 2) // per
+    cin = widths[0]
+    stages = []
+    for i, w in enumerate(widths):
+        blocks = []
+        for j in range(n):
+            blocks.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
+            cin = w * block.expansion
+        stages.append((f"stage{i + 1}", nn.Sequential(*blocks)))
+    net = StagedNet(conv_bn(in_channels, widths[0], 3), stages, cin, num_classes)
+    init_weights(net)
+    return net
+
+
+def _register(name: str, depth: int, widths: tuple[int, ...] = (16, 32, 64), bottleneck: bool = False) -> None:
+    def factory(num_classes: int = 10, in_channels: int = 3) -> StagedNet:
+        return cifar_resnet(depth, num_classes, in_channels, widths, bottleneck)
+
+    factory.__doc__ = f"CIFAR ResNet-{depth}{' (bottleneck)' if bottleneck else ''}, widths {widths}."
+    MODELS.register(name)(factory)
+
+
+for _d in (8, 14, 20, 32, 44, 56):
+    _register(f"resnet{_d}", _d)
+_register("resnet110", 110, bottleneck=True)  # bottleneck 12-12-12, as in MCL / L-MCL / PCL
+_register("resnet8x4", 8, (64, 128, 256))
+_register("resnet32x4", 32, (64, 128, 256))
