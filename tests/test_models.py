@@ -17,7 +17,6 @@ BATCH = 2
 PUBLISHED_PARAMS_M = {
     "resnet32": 0.47,  # MCL-OKD / DML tables
     "resnet110": 1.17,  # bottleneck 12-12-12 of MCL / PCL (CRD's basic-block ResNet-110 has 1.7M)
-    # CRD's resnet8x4 / resnet32x4 have a 32-channel stem; ours (resnet.py) uses 64, +1.7% / +0.3%.
     "resnet8x4": 1.23,
     "resnet32x4": 7.43,
     "wrn_16_2": 0.70,

@@ -45,14 +45,14 @@ class Bottleneck(nn.Module):
 
 
 def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64),
-                 bottleneck: bool = False) -> StagedNet:
-    """Build a 3-stage CIFAR ResNet of the given depth."""
+                 bottleneck: bool = False, stem: int | None = None) -> StagedNet:
+    """Build a 3-stage CIFAR ResNet of the given depth (stem width defaults to ``widths[0]``)."""
     block = Bottleneck if bottleneck else BasicBlock
     per = 9 if bottleneck else 6
     if (depth - 2) % per:
         raise ValueError(f"depth {depth} is not {per}n+2")
     n = (depth - 2) // per
-    cin = widths[0]
+    cin = stem or widths[0]
     stages = []
     for i, w in enumerate(widths):
         blocks = []
@@ -60,14 +60,15 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[i
             blocks.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
             cin = w * block.expansion
         stages.append((f"stage{i + 1}", nn.Sequential(*blocks)))
-    net = StagedNet(conv_bn(in_channels, widths[0], 3), stages, cin, num_classes)
+    net = StagedNet(conv_bn(in_channels, stem or widths[0], 3), stages, cin, num_classes)
     init_weights(net)
     return net
 
 
-def _register(name: str, depth: int, widths: tuple[int, ...] = (16, 32, 64), bottleneck: bool = False) -> None:
+def _register(name: str, depth: int, widths: tuple[int, ...] = (16, 32, 64), bottleneck: bool = False,
+              stem: int | None = None) -> None:
     def factory(num_classes: int = 10, in_channels: int = 3) -> StagedNet:
-        return cifar_resnet(depth, num_classes, in_channels, widths, bottleneck)
+        return cifar_resnet(depth, num_classes, in_channels, widths, bottleneck, stem)
 
     factory.__doc__ = f"CIFAR ResNet-{depth}{' (bottleneck)' if bottleneck else ''}, widths {widths}."
     MODELS.register(name)(factory)
@@ -76,5 +77,6 @@ def _register(name: str, depth: int, widths: tuple[int, ...] = (16, 32, 64), bot
 for _d in (8, 14, 20, 32, 44, 56):
     _register(f"resnet{_d}", _d)
 _register("resnet110", 110, bottleneck=True)  # bottleneck 12-12-12, as in MCL / L-MCL / PCL
-_register("resnet8x4", 8, (64, 128, 256))
-_register("resnet32x4", 32, (64, 128, 256))
+# CRD's x4 variants: a 32-channel stem, then 64/128/256 (RepDistiller models/resnet.py).
+_register("resnet8x4", 8, (64, 128, 256), stem=32)
+_register("resnet32x4", 32, (64, 128, 256), stem=32)

@@ -1,0 +1,114 @@
+"""``peerdistill train | eval | list | bench``: the command line (DESIGN §5)."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from . import config as C
+from .errors import PeerdistillError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .engine.run import format_table, train
+
+    if args.resume:
+        cfg = C.load(Path(args.resume) / "config.yaml" if (Path(args.resume) / "config.yaml").exists() else None,
+                      args.overrides)
+    else:
+        cfg = C.load(args.config, args.overrides)
+    summary = train(cfg, args.out, args.resume)
+    final = summary["final"]["test"]
+    if final:
+        print(f"\ntest set, last epoch ({summary['epochs']}); ECE in %, 15 bins; last column: at the best "
+              f"validation epoch of that head")
+        print(format_table(final, summary["best"]))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .engine.run import evaluate, format_table
+
+    res = evaluate(args.path, args.checkpoint)
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"{res['checkpoint']} (epoch {res['epoch']})")
+    for split in ("val", "test"):
+        if res[split]:
+            print(f"\n{split}:\n{format_table(res[split])}")
+
+
+def _fmt_params(params: dict[str, object]) -> str:
+    items = [f"{k}={'<required>' if v is inspect.Parameter.empty else v!r}" for k, v in params.items()]
+    return ", ".join(items) or "-"
+
+
+def _list(args: argparse.Namespace) -> None:
+    from .data import DATASETS
+    from .data.mix import MIXERS
+    from .methods import METHODS
+    from .models import MODELS
+
+    for title, reg, skip in (("methods", METHODS, ()), ("models", MODELS, ("num_classes", "in_channels")),
+                             ("datasets", DATASETS, ()), ("mixers", MIXERS, ())):
+        print(f"{title}:")
+        for name in reg:
+            params = {k: v for k, v in reg.params(name).items() if k not in skip}
+            doc = (inspect.getdoc(reg.get(name)) or "").split("\n")[0]
+            print(f"  {name:<16} {doc}")
+            if params:
+                print(f"  {'':<16}   {_fmt_params(params)}")
+        print()
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .engine.bench import run_bench
+
+    cfg = C.load(args.config, args.overrides)
+    run_bench(cfg, steps=args.steps, warmup=args.warmup, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peerdistill", description="Knowledge distillation without (and with) a teacher.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a run (default: 2-peer DML on Fashion-MNIST)")
+    t.add_argument("-c", "--config", help="YAML preset")
+    t.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. method=dml method.temperature=2 epochs=3")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="re-evaluate a saved run or checkpoint")
+    e.add_argument("path", help="run directory or checkpoint file")
+    e.add_argument("--checkpoint", default="last.pt", help="last.pt or best.pt when PATH is a directory")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=_eval)
+    ls = sub.add_parser("list", help="models, methods, datasets and mixers with their hyper-parameters")
+    ls.set_defaults(fn=_list)
+    b = sub.add_parser("bench", help="time training steps of any config")
+    b.add_argument("-c", "--config")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b.add_argument("overrides", nargs="*", metavar="key=value")
+    b.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except PeerdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch is in checkpoints/last.pt (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

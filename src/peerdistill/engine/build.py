@@ -1,0 +1,107 @@
+"""Turn a :class:`Config` into the objects a run needs: data, cohort, method, teacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config, from_dict
+from ..data import DATASETS, DatasetSplits
+from ..data.augment import BatchAugment
+from ..data.loader import DataBundle, stratified_split, to_device
+from ..data.mix import MIXERS, Mixer
+from ..errors import PeerdistillError
+from ..methods import METHODS, Method
+from ..models.cohort import Cohort, build_cohort
+from .checkpoint import load_checkpoint
+
+
+def load_splits(cfg: Config) -> DatasetSplits:
+    """Read the configured dataset (and optionally keep a stratified training subset)."""
+    d = cfg.data
+    kwargs: dict[str, object] = {"root": d.root}
+    if d.name == "synthetic":
+        kwargs.update(size=d.size, num_classes=d.num_classes, image_size=d.image_size, channels=d.channels)
+    splits = DATASETS.build(d.name, **kwargs).check(d.name)
+    if d.train_subset and d.train_subset < len(splits.train):
+        frac = 1.0 - d.train_subset / len(splits.train)
+        keep, _ = stratified_split(splits.train.labels, frac, cfg.seed + 1)
+        splits.train = splits.train.subset(keep)
+    return splits
+
+
+def make_augment(cfg: Config, splits: DatasetSplits, channels_last: bool) -> BatchAugment:
+    d = cfg.data
+    pad = splits.crop_padding if d.padding is None else d.padding
+    flip = splits.flip if d.flip is None else d.flip
+    return BatchAugment(splits.mean, splits.std, pad, flip, d.cutout, channels_last)
+
+
+def make_mixer(cfg: Config) -> Mixer | None:
+    return None if cfg.mixer is None else MIXERS.build(cfg.mixer.name, **cfg.mixer.args)
+
+
+@dataclass
+class Built:
+    data: DataBundle
+    method: Method
+    cohort: Cohort
+    num_classes: int
+    in_channels: int
+
+
+def build_run(cfg: Config, device: torch.device) -> Built:
+    """Build data, method and cohort, and check that they fit together."""
+    splits = load_splits(cfg)
+    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+    method = METHODS.build(cfg.method.name, **cfg.method.args)
+    needs = method.needs
+    n = needs.peers or cfg.peers
+    if n < needs.min_peers:
+        raise PeerdistillError(f"method {cfg.method.name!r} needs at least {needs.min_peers} peers, got {n}")
+    num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
+    cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
+                          needs.topology, needs.split_after)
+    method.setup(cohort, num_classes)
+    return Built(data, method, cohort, num_classes, in_channels)
+
+
+def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
+                 expected_model: str | None = None) -> Cohort:
+    """Load peer ``peer`` of another run's checkpoint as a frozen teacher, checking it fits this data."""
+    ckpt = load_checkpoint(path, prefer="best.pt")
+    tcfg = from_dict(ckpt["config"])
+    meta = ckpt.get("data", {})
+    if meta.get("num_classes") != num_classes or meta.get("in_channels") != in_channels:
+        raise PeerdistillError(f"teacher {path} was trained for {meta.get('num_classes')} classes and "
+                               f"{meta.get('in_channels')} input channels; this run has {num_classes} and {in_channels}")
+    names = tcfg.model_names
+    if expected_model and expected_model not in names:
+        raise PeerdistillError(f"teacher {path} is a {','.join(names)}, not the expected {expected_model}")
+    method = METHODS.build(tcfg.method.name, **tcfg.method.args)
+    n = method.needs.peers or tcfg.peers
+    cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, tcfg.model.args,
+                          method.needs.topology, method.needs.split_after)
+    try:
+        cohort.load_state_dict(ckpt["cohort"])
+    except RuntimeError as e:
+        raise PeerdistillError(f"teacher {path}: weights do not match its architecture "
+                               f"({str(e).splitlines()[0][:160]})") from None
+    if not 0 <= peer < len(cohort):
+        raise PeerdistillError(f"teacher {path} has {len(cohort)} peers; teacher_peer={peer} is out of range")
+    teacher = cohort.nets[peer]
+    teacher.eval().requires_grad_(False)
+    return Cohort([teacher])
+
+
+def data_meta(built: Built) -> dict[str, object]:
+    train = built.data.train.images
+    return {"num_classes": built.num_classes, "in_channels": built.in_channels,
+            "image_size": list(train.shape[-2:]), "train_size": int(train.shape[0])}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)

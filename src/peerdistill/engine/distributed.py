@@ -1,0 +1,52 @@
+"""Process-group set-up for ``torchrun``: DDP over the whole cohort + method, rank-0 side effects."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from .precision import resolve_device
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the job (world_size 1 outside torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP-wrap the step module when running in several processes."""
+        if self.world_size == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Methods may leave some parameters unused in a step (e.g. heads evaluated only sometimes).
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+
+def setup(device: str) -> DistInfo:
+    """Initialise the process group from torchrun's environment variables (no-op otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local, world, dev)

@@ -1,0 +1,53 @@
+"""SGD with optional no-decay groups, and learning-rate schedules computed from the global step."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from ..errors import PeerdistillError
+
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+def param_groups(modules: list[nn.Module], cfg: OptimConfig) -> list[dict[str, object]]:
+    """One group, or two when BN parameters and biases are excluded from weight decay."""
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+    groups: list[dict[str, object]] = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.SGD:
+    if cfg.schedule not in SCHEDULES:
+        raise PeerdistillError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    return torch.optim.SGD(param_groups(modules, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning rate at a global step: linear warm-up, then cosine / multistep / constant."""
+    epoch = step / steps_per_epoch
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        span = max(epochs - cfg.warmup_epochs, 1e-8)
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min((epoch - cfg.warmup_epochs) / span, 1.0)))
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,272 @@
+"""The one training loop every method runs in (DESIGN §3):
+
+views -> forward (autocast) -> method.losses -> sum -> backward -> one optimizer step over cohort and
+method -> EMA -> method.update. Evaluation of every head on validation and test after each epoch,
+atomic checkpoints, exact resume.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data.loader import Batch, DeviceLoader, DeviceSet
+from ..errors import PeerdistillError
+from ..methods.base import Method, PeerOutput, StepRecord
+from ..metrics import HeadMetrics
+from ..models.cohort import Cohort
+from . import distributed as dist
+from .build import build_run, data_meta, load_teacher, make_augment, make_mixer, seed_everything
+from .checkpoint import load_checkpoint, save_atomic
+from .ema import EMA
+from .optim import build_optimizer, lr_at, set_lr
+from .precision import resolve_device, resolve_precision
+from .timer import PhaseTimer
+
+
+class StepModule(nn.Module):
+    """Cohort + method as one module: what DDP wraps, so every trainable parameter is synchronised."""
+
+    def __init__(self, cohort: Cohort, method: Method) -> None:
+        super().__init__()
+        self.cohort, self.method = cohort, method
+
+    def forward(self, views: list[Tensor], taps: tuple[str, ...],
+                record: Callable[[list[PeerOutput]], StepRecord]) -> tuple[dict[str, Tensor], StepRecord]:
+        rec = record(self.cohort(views, taps))
+        return self.method.losses(rec), rec
+
+
+class NonFiniteLoss(PeerdistillError):
+    """A loss term became NaN or infinite."""
+
+
+class Trainer:
+    """Builds a run from a config and trains it.
+
+    Args:
+        cfg: the run config.
+        out_dir: run directory (checkpoints, logs); ``None`` for throw-away runs (benchmarks).
+        logger: receives epoch records (see :mod:`peerdistill.report.logger`); optional.
+    """
+
+    def __init__(self, cfg: Config, out_dir: Path | None = None, logger: Any = None) -> None:
+        self.cfg, self.out_dir, self.logger = cfg, out_dir, logger
+        self.dist = dist.setup(cfg.device)
+        self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.channels_last = True if cfg.channels_last is None else cfg.channels_last
+        seed_everything(cfg.seed)
+        built = build_run(cfg, self.device)
+        self.data, self.method, self.cohort = built.data, built.method, built.cohort
+        self.num_classes, self.meta = built.num_classes, data_meta(built)
+        needs = self.method.needs
+        self.taps = needs.taps
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.module = StepModule(self.cohort, self.method).to(self.device, memory_format=fmt)
+        if cfg.sync_bn and self.dist.world_size > 1:
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+            self.cohort, self.method = self.module.cohort, self.module.method
+        self.ema = None
+        if needs.ema_decay is not None:
+            buffers = "own" if needs.ema_train_mode else "copy"
+            self.ema = EMA(self.cohort, needs.ema_decay, needs.ema_warmup, buffers).to(self.device)
+        self.teacher = None
+        if needs.teacher:
+            self.teacher = load_teacher(needs.teacher, needs.teacher_peer, self.num_classes,
+                                        built.in_channels, needs.teacher_model).to(self.device, memory_format=fmt)
+        self.step_fn = self.dist.wrap(self.module)
+        self.optimizer = build_optimizer([self.module], cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.augment = make_augment(cfg, self.data.splits, self.channels_last)
+        self.mixer = make_mixer(cfg)
+        world, rank = self.dist.world_size, self.dist.rank
+        if cfg.batch_size % world:
+            raise PeerdistillError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+        self.train_loader = DeviceLoader(self.data.train, cfg.batch_size // world, True, True, cfg.seed, rank, world)
+        self.steps_per_epoch = len(self.train_loader)
+        self.epoch, self.step = 0, 0
+        self.best: dict[str, Any] = {}
+        self.timer = PhaseTimer(False, self.device)
+        self.gen = torch.Generator(device="cpu")
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One optimisation step; returns the detached loss terms."""
+        cfg, timer = self.cfg, self.timer
+        n = len(self.cohort)
+        with timer("data"):
+            views, mix = self.method.make_views(batch, lambda x: self.augment(x, self.gen), self.mixer, n, self.gen)
+        lr = lr_at(cfg.optim, self.step, self.steps_per_epoch, cfg.epochs)
+        set_lr(self.optimizer, lr)
+        with timer("forward"), self.precision.autocast():
+            ema_out = self._frozen_forward(self.ema.module, views) if self.ema is not None else None
+            teacher_out = self._frozen_forward(self.teacher, views) if self.teacher is not None else None
+
+            def record(outputs: list[PeerOutput]) -> StepRecord:
+                return StepRecord(batch.labels, batch.index, views, outputs, self.cohort.heads, self.num_classes,
+                                  mix, ema_out, teacher_out, self.epoch, self.step, self.steps_per_epoch, cfg.epochs)
+
+            terms, rec = self.step_fn(views, self.taps, record)
+        with timer("backward"):
+            total = torch.stack([t.float() for t in terms.values()]).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+        with timer("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with timer("update"):
+            if self.ema is not None:
+                self.ema.update(self.cohort)
+            self.method.update(rec)
+        self.step += 1
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _frozen_forward(self, cohort: Cohort, views: list[Tensor]) -> list[PeerOutput]:
+        with torch.no_grad():
+            if cohort is self.teacher:
+                return cohort(views[:1], self.taps) * len(views) if len(set(map(id, views))) == 1 \
+                    else [cohort([v], self.taps)[0] for v in views]
+            cohort.train(self.method.needs.ema_train_mode)
+            return cohort(views, self.taps)
+
+    def train_epoch(self, on_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
+        """Train one epoch; returns mean loss terms and timing."""
+        self.module.train()
+        self.train_loader.set_epoch(self.epoch)
+        self.gen.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank)
+        sums: dict[str, Tensor] = {}
+        t0 = time.perf_counter()
+        check_every = 1 if self.device.type == "cpu" else max(self.cfg.log_every, 1)
+        for i, batch in enumerate(self.train_loader):
+            terms = self.train_step(batch)
+            for k, v in terms.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+            if (i + 1) % check_every == 0 or i + 1 == self.steps_per_epoch:
+                self._check_finite(sums)
+            if on_step is not None:
+                on_step(i, terms)
+        seconds = time.perf_counter() - t0
+        out = {k: float(v) / self.steps_per_epoch for k, v in sums.items()}
+        out["loss"] = sum(out.values())
+        return {"loss": out, "seconds": seconds,
+                "images_per_s": self.steps_per_epoch * self.cfg.batch_size / max(seconds, 1e-9),
+                "lr": lr_at(self.cfg.optim, self.step - 1, self.steps_per_epoch, self.cfg.epochs)}
+
+    def _check_finite(self, sums: dict[str, Tensor]) -> None:
+        bad = [k for k, v in sums.items() if not bool(torch.isfinite(v))]
+        if bad:
+            last = self.out_dir / "checkpoints" / "last.pt" if self.out_dir else None
+            kept = f"; last good checkpoint: {last}" if last and last.exists() else "; no checkpoint written yet"
+            raise NonFiniteLoss(f"non-finite loss term {bad[0]!r} at step {self.step} (epoch {self.epoch + 1})"
+                                f"{kept}")
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, data: DeviceSet, with_reliability: bool = False) -> dict[str, Any]:
+        """Top-1/top-5/NLL/ECE of every head the method exposes, on a whole split."""
+        self.module.eval()
+        if self.ema is not None:
+            self.ema.module.eval()
+        loader = DeviceLoader(data, self.cfg.data.eval_batch_size, False, False)
+        n = len(self.cohort)
+        metrics: dict[str, HeadMetrics] = {}
+        for batch in loader:
+            x = self.augment.normalize(batch.images)
+            with self.precision.autocast():
+                outs = self.cohort([x] * n, self.taps)
+                ema = self.ema.module([x] * n, self.taps) if self.ema is not None else None
+                heads = self.method.eval_heads(outs, ema)
+            for name, logits in heads.items():
+                metrics.setdefault(name, HeadMetrics()).update(logits, batch.labels)
+        result: dict[str, Any] = {name: m.compute() for name, m in metrics.items()}
+        peers = [v["top1"] for k, v in result.items() if k.startswith("peer")]
+        result["peers_mean"] = {"top1": sum(peers) / len(peers)} if peers else {}
+        if with_reliability:
+            result["_reliability"] = {name: m.reliability() for name, m in metrics.items()}
+        self.module.train()
+        return result
+
+    # --------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"format": 1, "config": self.cfg.to_dict(), "data": self.meta, "epoch": self.epoch,
+                "step": self.step, "cohort": self.cohort.state_dict(), "method": self.method.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "best": self.best}
+
+    def save(self, name: str) -> Path | None:
+        if self.out_dir is None or not self.dist.is_main:
+            return None
+        path = self.out_dir / "checkpoints" / name
+        save_atomic(self.state(), path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path)
+        try:
+            self.cohort.load_state_dict(ckpt["cohort"])
+            self.method.load_state_dict(ckpt["method"])
+            if self.ema is not None and ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise PeerdistillError(f"checkpoint {path} does not match this run: {str(e).splitlines()[0][:200]}") from None
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.epoch, self.step, self.best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt.get("best") or {})
+
+    # ---------------------------------------------------------------------- fit
+    def fit(self, progress: Callable[[Trainer], Any] | None = None) -> dict[str, Any]:
+        """Train from the current epoch to ``cfg.epochs``; returns the summary."""
+        last_eval: dict[str, Any] = {}
+        while self.epoch < self.cfg.epochs:
+            bar = progress(self) if progress is not None else None
+            train = self.train_epoch(bar.on_step if bar is not None else None)
+            if bar is not None:
+                bar.close()
+            self.epoch += 1
+            if self.dist.is_main:
+                last_eval = self._end_epoch(train)
+            self.dist.barrier()
+        return self.summary(last_eval)
+
+    def _end_epoch(self, train: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        val = self.evaluate(self.data.val) if self.data.val is not None else {}
+        test = self.evaluate(self.data.test)
+        record = {"epoch": self.epoch, "step": self.step, **train, "eval_seconds": time.perf_counter() - t0,
+                  "val": val, "test": test}
+        improved = self._track_best(val, test)
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        if self.logger is not None:
+            self.logger.epoch(record)
+        return record
+
+    def _track_best(self, val: dict[str, Any], test: dict[str, Any]) -> bool:
+        """Per head: test metrics at the epoch of that head's best validation top-1."""
+        improved = False
+        for head, m in test.items():
+            score = val.get(head, {}).get("top1", -math.inf) if val else self.epoch
+            prev = self.best.get(head)
+            if prev is None or score > prev["val_top1"]:
+                self.best[head] = {"epoch": self.epoch, "val_top1": score, "test": m}
+                improved |= head == "peers_mean"
+        return improved
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"epochs": self.epoch, "final": {"val": last.get("val", {}), "test": last.get("test", {})},
+                "best": self.best, "selection": "validation top-1, per head" if self.data.val is not None
+                else "last epoch (no validation split)"}

@@ -1,0 +1,10 @@
+"""Distillation methods. Every module in this package registers its method on import."""
+import importlib
+import pkgutil
+
+from .base import METHODS, Method, Needs, PeerOutput, StepRecord
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["METHODS", "Method", "Needs", "PeerOutput", "StepRecord"]

@@ -1,0 +1,1 @@
+"""Run outputs: JSONL/TensorBoard logging, plots, result tables."""
