@@ -1,0 +1,39 @@
+# One-command set-up on a fresh Debian machine (Python 3.11, CPU): a virtualenv with the CPU build of
+# torch, the Fashion-MNIST Debian package when missing (needs root), then the job.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup data demo test clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pinned: here this resolves to a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@if [ ! -f $(FMNIST) ] && [ -z "$$PEERDISTILL_DATA" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (or set PEERDISTILL_DATA)"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# The main job: 2-peer DML of ResNet-14 on Fashion-MNIST (about 5 minutes on 2 CPU cores).
+demo: setup data
+	$(BIN)/peerdistill train --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
