@@ -1,0 +1,94 @@
+"""Reference-style DML loop vs peerdistill vs the bare training step, in one process on one machine.
+
+(a) ``reference_dml.py``: per-image numpy transforms in a 2-worker DataLoader, fp32, NCHW, one optimiser
+    per peer — how public online-distillation code is written;
+(b) peerdistill's DML with default settings (precision auto, channels_last auto) on the synthetic source
+    shaped the same way (5000 CIFAR-100-shaped images, 2 x ResNet-32, batch 128);
+(c) the bare step: the same peers' forward / cross-entropy / backward / SGD on a fixed pre-normalised
+    batch in (b)'s precision and memory format, no data pipeline, no distillation.
+
+Prints images/s through the cohort for each, and the ratios (b)/(a) (speed-up over the conventional
+loop; target >= 2.5 on a 2-core CPU) and (b)/(c) (how close the engine gets to the bare step; target
+>= 0.85). Each measurement is repeated ``--repeats`` times, interleaved, and the best run is kept
+(the usual way to read through noise from other processes on a shared machine).
+
+    .venv/bin/python benchmarks/compare_reference.py --steps 30 [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_dml import run_reference  # noqa: E402
+
+from peerdistill import config as C  # noqa: E402
+from peerdistill.engine.bench import bare_step_throughput, run_bench  # noqa: E402
+
+
+def peerdistill_config(size: int, batch_size: int, peers: int, model: str) -> C.Config:
+    return C.load(None, ["method=dml", f"model={model}", f"peers={peers}", f"batch_size={batch_size}",
+                         "data.name=synthetic", f"data.size={size}", "data.num_classes=100",
+                         "data.image_size=32", "data.channels=3"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="reference DML loop vs peerdistill vs bare step")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best is kept")
+    p.add_argument("--size", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--model", default="resnet32")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    a = p.parse_args()
+
+    cfg = peerdistill_config(a.size, a.batch_size, a.peers, a.model)
+    runs: dict[str, list[dict]] = {"reference": [], "peerdistill": [], "bare": []}
+    for _ in range(a.repeats):
+        runs["reference"].append(run_reference(a.steps, a.warmup, a.size, a.batch_size, a.peers, model=a.model))
+        with contextlib.redirect_stdout(io.StringIO()):
+            runs["peerdistill"].append(run_bench(cfg, a.steps, a.warmup, as_json=True))
+        runs["bare"].append(bare_step_throughput(cfg, a.steps, a.warmup))
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+    ref, pd, bare = (best[k]["images_per_s"] for k in ("reference", "peerdistill", "bare"))
+    result = {
+        "reference_images_per_s": ref, "peerdistill_images_per_s": pd, "bare_images_per_s": bare,
+        "speedup_vs_reference": pd / ref, "fraction_of_bare": pd / bare,
+        "all_images_per_s": {k: [r["images_per_s"] for r in v] for k, v in runs.items()},
+        "peerdistill_breakdown_ms": best["peerdistill"]["breakdown_ms"],
+        "precision": best["peerdistill"]["precision"], "channels_last": best["peerdistill"]["channels_last"],
+        "model": a.model, "peers": a.peers, "batch_size": a.batch_size, "size": a.size, "steps": a.steps,
+        "warmup": a.warmup, "repeats": a.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if a.json:
+        print(json.dumps(result))
+        return
+    fmt = "channels_last" if result["channels_last"] else "NCHW"
+    print(f"{a.peers} x {a.model}, batch {a.batch_size}, {a.size} CIFAR-100-shaped images, "
+          f"{a.steps} timed steps, best of {a.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\n{'':<44}{'images/s':>10}{'per peer':>10}   all runs")
+    rows = [("(a) reference loop (fp32, NCHW, 2 workers)", "reference"),
+            (f"(b) peerdistill dml ({result['precision']}, {fmt})", "peerdistill"),
+            (f"(c) bare step ({best['bare']['precision']}, {fmt})", "bare")]
+    for label, k in rows:
+        r = best[k]
+        runs_s = ", ".join(f"{x:.0f}" for x in result["all_images_per_s"][k])
+        print(f"{label:<44}{r['images_per_s']:>10.1f}{r['images_per_s_per_peer']:>10.1f}   {runs_s}")
+    print(f"\n(b)/(a) speed-up over the reference loop   {result['speedup_vs_reference']:.2f}x  (target >= 2.5)")
+    print(f"(b)/(c) fraction of the bare step          {result['fraction_of_bare']:.2f}   (target >= 0.85)")
+    ms = result["peerdistill_breakdown_ms"]
+    print("\npeerdistill step breakdown (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""``peerdistill bench``: images/s, step-time breakdown and memory of any config (DESIGN §7).
+
+The headline throughput is timed with the phase timer off (timing phases synchronises the device);
+the breakdown comes from a second timed pass with it on. :func:`bare_step_throughput` times the same
+peers' plain forward / cross-entropy / backward / SGD step on a fixed batch: the ceiling the engine's
+data path, distillation terms and bookkeeping are measured against.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..data.loader import Batch
+from ..methods import METHODS
+from ..models.cohort import build_cohort
+from .build import load_splits, seed_everything
+from .precision import resolve_device, resolve_precision
+from .trainer import Trainer
+
+PHASES = ("data", "forward", "backward", "optimizer", "update")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Current resident set size in MB (``/proc``; falls back to the peak where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(trainer: Trainer) -> Iterator[Batch]:
+    """Cycle the training loader forever, one reshuffled epoch after another."""
+    epoch = 0
+    while True:
+        trainer.train_loader.set_epoch(epoch)
+        yield from trainer.train_loader
+        epoch += 1
+
+
+def _timed(trainer: Trainer, batches: Iterator[Batch], steps: int) -> float:
+    """Seconds for ``steps`` training steps, ending with a device sync and a finiteness check."""
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    terms: dict[str, Tensor] = {}
+    for _ in range(steps):
+        terms = trainer.train_step(next(batches))
+    trainer._check_finite(terms)  # one host sync, as the training loop does at least once per epoch
+    _sync(trainer.device)
+    return time.perf_counter() - t0
+
+
+def bench_config(cfg: Config) -> Config:
+    """A throw-away copy of ``cfg``: no run directory output, no TensorBoard, no progress bar."""
+    cfg = copy.deepcopy(cfg)
+    cfg.tensorboard, cfg.progress = False, False
+    return cfg
+
+
+def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = False) -> dict[str, Any]:
+    """Time ``steps`` training steps of ``cfg`` after ``warmup`` untimed ones; print and return the report.
+
+    Returns a dict with ``images_per_s`` (batch_size x steps / seconds, i.e. images through the whole
+    cohort), ``images_per_s_per_peer``, ``step_ms``, ``breakdown_ms`` / ``breakdown_pct`` per phase,
+    ``peak_rss_mb``, ``rss_growth_mb`` over the timed steps, ``gpu_peak_mb`` (CUDA only) and the
+    config essentials (device, precision, memory format, threads, model, peers, method, batch size).
+    """
+    cfg = bench_config(cfg)
+    trainer = Trainer(cfg, None)
+    batches = _batches(trainer)
+    trainer.timer.enabled = False
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    _sync(trainer.device)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    rss0 = current_rss_mb()
+    seconds = _timed(trainer, batches, steps)
+    rss1 = current_rss_mb()
+    trainer.timer.reset()
+    trainer.timer.enabled = True
+    timed_seconds = _timed(trainer, batches, steps)
+    trainer.timer.enabled = False
+    peers = len(trainer.cohort)
+    report = {**_essentials(trainer, steps, warmup),
+              "images_per_s": cfg.batch_size * steps / seconds,
+              "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
+              "step_ms": 1000.0 * seconds / steps,
+              **_breakdown(trainer.timer.totals, timed_seconds, steps),
+              "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": rss1 - rss0,
+              "gpu_peak_mb": (torch.cuda.max_memory_allocated(trainer.device) / 2**20
+                              if trainer.device.type == "cuda" else None)}
+    print(json.dumps(report) if as_json else format_report(report), flush=True)
+    return report
+
+
+def _essentials(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
+    cfg = trainer.cfg
+    return {"device": str(trainer.device), "precision": trainer.precision.name,
+            "channels_last": trainer.channels_last, "threads": torch.get_num_threads(),
+            "method": cfg.method.name, "model": cfg.model.name, "peers": len(trainer.cohort),
+            "data": cfg.data.name, "image_shape": list(trainer.data.train.images.shape[1:]),
+            "num_classes": trainer.num_classes, "batch_size": cfg.batch_size,
+            "world_size": trainer.dist.world_size, "steps": steps, "warmup": warmup,
+            "torch": torch.__version__}
+
+
+def _breakdown(totals: dict[str, float], seconds: float, steps: int) -> dict[str, Any]:
+    """Per-phase mean ms per step and share of the step; ``other`` is what no phase covers."""
+    ms = {p: 1000.0 * totals.get(p, 0.0) / steps for p in PHASES}
+    ms["other"] = max(1000.0 * seconds / steps - sum(ms.values()), 0.0)
+    total = sum(ms.values()) or 1.0
+    return {"timed_step_ms": 1000.0 * seconds / steps, "breakdown_ms": ms,
+            "breakdown_pct": {p: 100.0 * v / total for p, v in ms.items()}}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable table ``peerdistill bench`` prints."""
+    fmt = "channels_last" if r["channels_last"] else "NCHW"
+    lines = [f"{r['method']} x{r['peers']} {r['model']} on {r['data']} {tuple(r['image_shape'])}, "
+             f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, {r['threads']} threads, "
+             f"torch {r['torch']}",
+             f"{r['steps']} timed steps after {r['warmup']} warm-up steps",
+             "",
+             f"  images/s (through the cohort) {r['images_per_s']:10.1f}",
+             f"  images/s per peer             {r['images_per_s_per_peer']:10.1f}",
+             f"  step time                     {r['step_ms']:10.1f} ms",
+             f"  peak RSS                      {r['peak_rss_mb']:10.1f} MB",
+             f"  RSS growth over timed steps   {r['rss_growth_mb']:10.1f} MB"]
+    if r.get("gpu_peak_mb") is not None:
+        lines.append(f"  GPU peak allocated            {r['gpu_peak_mb']:10.1f} MB")
+    lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
+                  f"{r['timed_step_ms']:.1f} ms/step)"]
+    for p, v in r["breakdown_ms"].items():
+        lines.append(f"  {p:<12}{v:>10.2f}{r['breakdown_pct'][p]:>8.1f}")
+    return "\n".join(lines)
+
+
+def bare_step_throughput(cfg: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
+    """Images/s of the same peers' plain training step, with no data pipeline and no distillation.
+
+    Each step runs every peer forward on one fixed, pre-normalised random batch (same precision and
+    memory format as the engine would choose), sums their cross-entropies, backpropagates and takes one
+    SGD step with the configured momentum / Nesterov / weight decay. Returns ``images_per_s`` (batch
+    size x steps / seconds, as :func:`run_bench`), ``images_per_s_per_peer`` and the settings used.
+    """
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = True if cfg.channels_last is None else cfg.channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    splits = load_splits(cfg)
+    h, w, c = splits.train.images.shape[1:]
+    seed_everything(cfg.seed)
+    needs = METHODS.build(cfg.method.name, **cfg.method.args).needs
+    # The same networks (and shared trunk, for branched methods) the engine would train.
+    cohort = build_cohort(cfg.model_names, needs.peers or cfg.peers, splits.num_classes, c, cfg.model.args,
+                          needs.topology, needs.split_after)
+    cohort = cohort.to(device, memory_format=fmt).train()
+    o = cfg.optim
+    opt = torch.optim.SGD(cohort.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                          nesterov=o.nesterov and o.momentum > 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch_size, c, h, w, generator=g).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(splits.num_classes, (cfg.batch_size,), generator=g).to(device)
+
+    def step() -> Tensor:
+        with precision.autocast():
+            outs = cohort([x] * len(cohort))
+        loss = sum(torch.nn.functional.cross_entropy(o.logits.float(), y) for o in outs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    n = len(cohort)
+    return {"images_per_s": cfg.batch_size * steps / seconds,
+            "images_per_s_per_peer": cfg.batch_size * steps / seconds / n, "step_ms": 1000.0 * seconds / steps,
+            "peers": n, "device": str(device), "precision": precision.name, "channels_last": channels_last,
+            "batch_size": cfg.batch_size, "steps": steps, "warmup": warmup}
