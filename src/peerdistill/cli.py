@@ -70,6 +70,12 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(cfg, steps=args.steps, warmup=args.warmup, as_json=args.json)
 
 
+def _table(args: argparse.Namespace) -> None:
+    from .report.table import load_runs, markdown_table
+
+    print(markdown_table(load_runs([Path(d) for d in args.runs]), args.which))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peerdistill", description="Knowledge distillation without (and with) a teacher.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=_bench)
+    tb = sub.add_parser("table", help="mean ± std table of finished runs, grouped by config minus seed")
+    tb.add_argument("runs", nargs="+", help="run directories")
+    tb.add_argument("--which", choices=("final", "best"), default="final",
+                    help="last epoch, or the epoch of best validation top-1 per head")
+    tb.set_defaults(fn=_table)
     return p
 
 
