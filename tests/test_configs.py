@@ -1,0 +1,40 @@
+"""Every shipped preset parses, validates, and names a method/model/dataset that exist."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peerdistill import config as C
+from peerdistill.data import DATASETS
+from peerdistill.data.mix import MIXERS
+from peerdistill.methods import METHODS
+from peerdistill.models import MODELS
+
+PRESETS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+def test_presets_exist():
+    assert len(PRESETS) >= 8
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_preset_validates(path):
+    cfg = C.load(path)
+    METHODS.build(cfg.method.name, **cfg.method.args)  # validates every hyper-parameter
+    for name in cfg.model_names:
+        MODELS.build(name, num_classes=10, in_channels=3, **cfg.model.args)
+    assert cfg.data.name in DATASETS
+    if cfg.mixer is not None:
+        MIXERS.build(cfg.mixer.name, **cfg.mixer.args)
+
+
+def test_default_config_is_the_fmnist_dml_preset():
+    preset = C.load(Path(__file__).parent.parent / "configs" / "fmnist" / "dml.yaml")
+    assert preset.to_dict() == C.Config().to_dict() | {"method": {"name": "dml", "temperature": 1.0}}
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = C.load(None, ["method=dml", "method.temperature=3", "mixer=cutmix", "optim.milestones=[2, 4]"])
+    C.save(cfg, tmp_path / "c.yaml")
+    assert C.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
