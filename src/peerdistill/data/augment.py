@@ -16,6 +16,10 @@ class BatchAugment:
         cutout: side of one zeroed square per image (DeVries & Taylor 2017; 0 disables), applied
             after normalisation as in the reference implementation (the hole is 0 in normalised space).
         channels_last: return the float batch in channels_last memory format.
+
+    Under DDP set ``shard = (rank, world_size)``: every random draw is then made for the global batch
+    and this rank keeps rows ``rank::world_size`` -- the rows :class:`~peerdistill.data.loader.DeviceLoader`
+    gives it -- so each sample is augmented exactly as in a one-process run with the same global batch.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: int = 4, flip: bool = True,
@@ -23,6 +27,7 @@ class BatchAugment:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.padding, self.flip, self.cutout, self.channels_last = padding, flip, cutout, channels_last
+        self.shard = (0, 1)
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> normalised float32 in the configured memory format."""
@@ -34,27 +39,34 @@ class BatchAugment:
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
         """Augment a uint8 batch and return it normalised."""
         if self.padding:
-            x = random_crop(x, self.padding, gen)
+            x = random_crop(x, self.padding, gen, self.shard)
         if self.flip:
-            x = random_flip(x, gen)
+            x = random_flip(x, gen, self.shard)
         out = self.normalize(x)
         if self.cutout:
-            out = cutout(out, self.cutout, gen)
+            out = cutout(out, self.cutout, gen, self.shard)
         return out
 
 
-def _rand(shape: tuple[int, ...], x: Tensor, gen: torch.Generator | None, high: int | None = None) -> Tensor:
+Shard = tuple[int, int]  # (rank, world_size)
+
+
+def _rand(shape: tuple[int, ...], x: Tensor, gen: torch.Generator | None, high: int | None = None,
+          shard: Shard = (0, 1)) -> Tensor:
+    """Per-sample draws for the global batch (``shape[0] * world_size`` rows); this rank's rows."""
     dev = gen.device if gen is not None else x.device
-    t = torch.randint(high, shape, generator=gen, device=dev) if high else torch.rand(shape, generator=gen, device=dev)
-    return t.to(x.device)
+    rank, world = shard
+    full = (shape[0] * world, *shape[1:])
+    t = torch.randint(high, full, generator=gen, device=dev) if high else torch.rand(full, generator=gen, device=dev)
+    return (t[rank::world] if world > 1 else t).to(x.device)
 
 
-def random_crop(x: Tensor, padding: int, gen: torch.Generator | None = None) -> Tensor:
+def random_crop(x: Tensor, padding: int, gen: torch.Generator | None = None, shard: Shard = (0, 1)) -> Tensor:
     """Per-sample random crop of the original size from the zero-padded batch, by index gathering."""
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
-    oy = _rand((b,), x, gen, 2 * padding + 1)
-    ox = _rand((b,), x, gen, 2 * padding + 1)
+    oy = _rand((b,), x, gen, 2 * padding + 1, shard)
+    ox = _rand((b,), x, gen, 2 * padding + 1, shard)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
     bidx = torch.arange(b, device=x.device)[:, None, None]
@@ -62,17 +74,17 @@ def random_crop(x: Tensor, padding: int, gen: torch.Generator | None = None) -> 
     return padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
 
 
-def random_flip(x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+def random_flip(x: Tensor, gen: torch.Generator | None = None, shard: Shard = (0, 1)) -> Tensor:
     """Flip each image horizontally with probability 0.5."""
-    mask = _rand((x.shape[0],), x, gen) < 0.5
+    mask = _rand((x.shape[0],), x, gen, shard=shard) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
-def cutout(x: Tensor, size: int, gen: torch.Generator | None = None) -> Tensor:
+def cutout(x: Tensor, size: int, gen: torch.Generator | None = None, shard: Shard = (0, 1)) -> Tensor:
     """Zero one ``size`` x ``size`` square per image, centred uniformly and clipped to the image."""
     b, _, h, w = x.shape
-    cy = _rand((b,), x, gen, h)[:, None, None]
-    cx = _rand((b,), x, gen, w)[:, None, None]
+    cy = _rand((b,), x, gen, h, shard)[:, None, None]
+    cx = _rand((b,), x, gen, w, shard)[:, None, None]
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
     # The reference slice [cy - size//2, cy + size//2) clipped to the image (DeVries & Taylor code).

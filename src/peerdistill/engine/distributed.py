@@ -36,6 +36,20 @@ class DistInfo:
         if self.world_size > 1:
             tdist.barrier()
 
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Average scalar tensors over the processes (one all-reduce; identity in one process)."""
+        if self.world_size == 1 or not values:
+            return values
+        flat = torch.stack([v.float() for v in values.values()])
+        tdist.all_reduce(flat)
+        return dict(zip(values, flat / self.world_size))
+
+
+def teardown() -> None:
+    """Destroy the process group, if this process started one."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
 
 def setup(device: str) -> DistInfo:
     """Initialise the process group from torchrun's environment variables (no-op otherwise)."""

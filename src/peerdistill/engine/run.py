@@ -14,6 +14,7 @@ from ..errors import PeerdistillError
 from ..report.logger import RunLogger, write_json
 from ..report.plots import plot_history, plot_reliability
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .distributed import teardown
 from .trainer import Trainer
 
 
@@ -80,9 +81,13 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
                 inner(rec)
             epoch_echo(rec, cfg.epochs)
         trainer.logger = type("L", (), {"epoch": staticmethod(both)})()
-    summary = trainer.fit(ProgressBar if cfg.progress else None)
-    if main:
-        finish(trainer, out, summary, logger)
+    try:
+        summary = trainer.fit(ProgressBar if cfg.progress and main else None)
+        if main:
+            finish(trainer, out, summary, logger)
+        trainer.dist.barrier()  # under torchrun, every rank ends once rank 0 has written the summary
+    finally:
+        teardown()
     return summary
 
 

@@ -60,6 +60,8 @@ class Trainer:
         self.cfg, self.out_dir, self.logger = cfg, out_dir, logger
         self.dist = dist.setup(cfg.device)
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise PeerdistillError("sync_bn=true needs CUDA devices: torch's SyncBatchNorm has no CPU implementation")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
         seed_everything(cfg.seed)
@@ -85,6 +87,7 @@ class Trainer:
         self.optimizer = build_optimizer([self.module], cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.augment = make_augment(cfg, self.data.splits, self.channels_last)
+        self.augment.shard = (self.dist.rank, self.dist.world_size)  # global-batch draws, this rank's rows
         self.mixer = make_mixer(cfg)
         world, rank = self.dist.world_size, self.dist.rank
         if cfg.batch_size % world:
@@ -140,7 +143,8 @@ class Trainer:
         """Train one epoch; returns mean loss terms and timing."""
         self.module.train()
         self.train_loader.set_epoch(self.epoch)
-        self.gen.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank)
+        # Same seed on every rank: augmentation draws are made for the global batch and sliced per rank.
+        self.gen.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 7919)
         sums: dict[str, Tensor] = {}
         t0 = time.perf_counter()
         check_every = 1 if self.device.type == "cpu" else max(self.cfg.log_every, 1)
@@ -153,6 +157,7 @@ class Trainer:
             if on_step is not None:
                 on_step(i, terms)
         seconds = time.perf_counter() - t0
+        sums = self.dist.mean(sums)  # the global batch's loss terms under DDP
         out = {k: float(v) / self.steps_per_epoch for k, v in sums.items()}
         out["loss"] = sum(out.values())
         return {"loss": out, "seconds": seconds,
