@@ -91,9 +91,7 @@ def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
                                f"({str(e).splitlines()[0][:160]})") from None
     if not 0 <= peer < len(cohort):
         raise PeerdistillError(f"teacher {path} has {len(cohort)} peers; teacher_peer={peer} is out of range")
-    teacher = cohort.nets[peer]
-    teacher.eval().requires_grad_(False)
-    return Cohort([teacher])
+    return Cohort([cohort.nets[peer]]).eval().requires_grad_(False)
 
 
 def data_meta(built: Built) -> dict[str, object]:

@@ -109,8 +109,8 @@ class Trainer:
         lr = lr_at(cfg.optim, self.step, self.steps_per_epoch, cfg.epochs)
         set_lr(self.optimizer, lr)
         with timer("forward"), self.precision.autocast():
-            ema_out = self._frozen_forward(self.ema.module, views) if self.ema is not None else None
-            teacher_out = self._frozen_forward(self.teacher, views) if self.teacher is not None else None
+            ema_out = self._ema_forward(views) if self.ema is not None else None
+            teacher_out = self._teacher_forward(views) if self.teacher is not None else None
 
             def record(outputs: list[PeerOutput]) -> StepRecord:
                 return StepRecord(batch.labels, batch.index, views, outputs, self.cohort.heads, self.num_classes,
@@ -131,13 +131,19 @@ class Trainer:
         self.step += 1
         return {k: v.detach() for k, v in terms.items()}
 
-    def _frozen_forward(self, cohort: Cohort, views: list[Tensor]) -> list[PeerOutput]:
+    def _ema_forward(self, views: list[Tensor]) -> list[PeerOutput]:
         with torch.no_grad():
-            if cohort is self.teacher:
-                return cohort(views[:1], self.taps) * len(views) if len(set(map(id, views))) == 1 \
-                    else [cohort([v], self.taps)[0] for v in views]
-            cohort.train(self.method.needs.ema_train_mode)
-            return cohort(views, self.taps)
+            self.ema.module.train(self.method.needs.ema_train_mode)
+            return self.ema.module(views, self.taps)
+
+    def _teacher_forward(self, views: list[Tensor]) -> list[PeerOutput]:
+        """The frozen teacher's outputs for each peer's view, computed once per distinct view."""
+        done: dict[int, PeerOutput] = {}
+        with torch.no_grad():
+            for v in views:
+                if id(v) not in done:
+                    done[id(v)] = self.teacher([v])[0]
+        return [done[id(v)] for v in views]
 
     def train_epoch(self, on_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
         """Train one epoch; returns mean loss terms and timing."""
