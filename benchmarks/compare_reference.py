@@ -12,7 +12,11 @@ loop; target >= 2.5 on a 2-core CPU) and (b)/(c) (how close the engine gets to t
 >= 0.85). Each measurement is repeated ``--repeats`` times, interleaved, and the best run is kept
 (the usual way to read through noise from other processes on a shared machine).
 
-    .venv/bin/python benchmarks/compare_reference.py --steps 30 [--json]
+By default the timed window is one epoch of steps, so it holds exactly one epoch boundary: the
+reference loop then pays its DataLoader's per-epoch worker start-up once, as it does in real training.
+A shorter window inside an epoch (``--steps 30``) measures its mid-epoch rate instead.
+
+    .venv/bin/python benchmarks/compare_reference.py [--steps N] [--json]
 """
 from __future__ import annotations
 
@@ -41,7 +45,9 @@ def peerdistill_config(size: int, batch_size: int, peers: int, model: str) -> C.
 
 def main() -> None:
     p = argparse.ArgumentParser(description="reference DML loop vs peerdistill vs bare step")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per measurement (default: one epoch, size // batch size, so each loop pays "
+                        "its once-per-epoch costs -- the reference's DataLoader worker start-up -- exactly once)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best is kept")
     p.add_argument("--size", type=int, default=5000)
@@ -50,6 +56,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet32")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     a = p.parse_args()
+    a.steps = a.steps or a.size // a.batch_size
 
     cfg = peerdistill_config(a.size, a.batch_size, a.peers, a.model)
     runs: dict[str, list[dict]] = {"reference": [], "peerdistill": [], "bare": []}
