@@ -23,6 +23,7 @@ from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
 from .build import load_splits, seed_everything
+from .distributed import teardown
 from .precision import resolve_device, resolve_precision
 from .trainer import Trainer
 
@@ -105,6 +106,17 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = Fal
     """
     cfg = bench_config(cfg)
     trainer = Trainer(cfg, None)
+    try:
+        report = _run(trainer, steps, warmup)
+    finally:
+        teardown()
+    if trainer.dist.is_main:  # under torchrun: rank 0's view; batch_size is the global batch
+        print(json.dumps(report) if as_json else format_report(report), flush=True)
+    return report
+
+
+def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
+    cfg = trainer.cfg
     batches = _batches(trainer)
     trainer.timer.enabled = False
     for _ in range(warmup):
@@ -119,16 +131,14 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = Fal
     timed_seconds = _timed(trainer, batches, steps)
     trainer.timer.enabled = False
     peers = len(trainer.cohort)
-    report = {**_essentials(trainer, steps, warmup),
-              "images_per_s": cfg.batch_size * steps / seconds,
-              "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
-              "step_ms": 1000.0 * seconds / steps,
-              **_breakdown(trainer.timer.totals, timed_seconds, steps),
-              "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": rss_growth(rss),
-              "gpu_peak_mb": (torch.cuda.max_memory_allocated(trainer.device) / 2**20
-                              if trainer.device.type == "cuda" else None)}
-    print(json.dumps(report) if as_json else format_report(report), flush=True)
-    return report
+    return {**_essentials(trainer, steps, warmup),
+            "images_per_s": cfg.batch_size * steps / seconds,
+            "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
+            "step_ms": 1000.0 * seconds / steps,
+            **_breakdown(trainer.timer.totals, timed_seconds, steps),
+            "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": rss_growth(rss),
+            "gpu_peak_mb": (torch.cuda.max_memory_allocated(trainer.device) / 2**20
+                            if trainer.device.type == "cuda" else None)}
 
 
 def _essentials(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
@@ -154,8 +164,9 @@ def _breakdown(totals: dict[str, float], seconds: float, steps: int) -> dict[str
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable table ``peerdistill bench`` prints."""
     fmt = "channels_last" if r["channels_last"] else "NCHW"
+    procs = f" x {r['world_size']} processes" if r["world_size"] > 1 else ""
     lines = [f"{r['method']} x{r['peers']} {r['model']} on {r['data']} {tuple(r['image_shape'])}, "
-             f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, {r['threads']} threads, "
+             f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, {r['threads']} threads{procs}, "
              f"torch {r['torch']}",
              f"{r['steps']} timed steps after {r['warmup']} warm-up steps",
              "",
