@@ -56,7 +56,8 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
             raise PeerdistillError(f"{out} already holds a run; use --resume {out} or another --out")
     trainer = Trainer(cfg, out)
     main = trainer.dist.is_main
-    logger = RunLogger(out, cfg.tensorboard) if main else None
+    on_epoch = (lambda rec: _echo_epoch(rec, cfg.epochs)) if echo else None
+    logger = RunLogger(out, cfg.tensorboard, on_epoch) if main else None
     trainer.logger = logger
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -72,15 +73,6 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
               f"({len(trainer.data.train)} train / {len(trainer.data.val) if trainer.data.val else 0} val / "
               f"{len(trainer.data.test)} test), {trainer.precision.name}, "
               f"{'channels_last' if trainer.channels_last else 'NCHW'}, {trainer.device}", file=sys.stderr)
-    epoch_echo = _echo_epoch if echo and main else None
-    if epoch_echo is not None:
-        inner = logger.epoch if logger is not None else None
-
-        def both(rec: dict[str, Any]) -> None:
-            if inner is not None:
-                inner(rec)
-            epoch_echo(rec, cfg.epochs)
-        trainer.logger = type("L", (), {"epoch": staticmethod(both)})()
     try:
         summary = trainer.fit(ProgressBar if cfg.progress and main else None)
         if main:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,14 @@ def _scalars(prefix: str, obj: Any) -> dict[str, float]:
 
 
 class RunLogger:
-    """Appends one JSON line per epoch and mirrors every scalar to TensorBoard when it is installed."""
+    """Appends one JSON line per epoch and mirrors every scalar to TensorBoard when it is installed.
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
-        self.out_dir = out_dir
+    ``on_epoch`` (e.g. a console echo) is called with each record after it is written.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.out_dir, self.on_epoch = out_dir, on_epoch
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
         if tensorboard:
@@ -51,6 +56,8 @@ class RunLogger:
             for key, value in _scalars("", {k: v for k, v in record.items() if k != "epoch"}).items():
                 self.tb.add_scalar(key, value, record["epoch"])
             self.tb.flush()
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def history(self) -> list[dict[str, Any]]:
         if not self.path.exists():
