@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PeerdistillError
+from ..fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,7 @@ def _load(path: Path, fp: str, validate: Callable[[Arrays], None]) -> Arrays:
 
 def _save(path: Path, arrays: Arrays, fp: str) -> None:
     """Write atomically: a crash mid-write leaves the old cache (or none), never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{_FINGERPRINT_KEY: np.array(fp)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays, **{_FINGERPRINT_KEY: np.array(fp)}))
 
 
 def cached_arrays(data_dir: Path, name: str, fp: str, build: Callable[[], Arrays],

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PeerdistillError
+from ..fileio import find_dataset_dir
 from .base import DATASETS, DatasetSplits, ImageSet
 
 _SIDE = 32
@@ -111,22 +112,10 @@ def _names(path: Path, key: str, num_classes: int) -> list[str]:
 
 
 def _find(folder: str, markers: tuple[str, ...], root: str | None) -> Path:
-    """Locate ``folder``: ``root`` may be the folder itself or its parent; else the default roots."""
-    if root:
-        bases = [Path(root).expanduser()]
-    else:
-        bases = [Path(p).expanduser() for p in (os.environ.get("PEERDISTILL_DATA", ""),
-                                                "./data", "~/.cache/peerdistill") if p]
-    looked = []
-    for base in bases:
-        for cand in (base, base / folder):
-            looked.append(str(cand))
-            if all((cand / m).is_file() for m in markers):
-                return cand
-    raise PeerdistillError(
-        f"{folder}/ not found (looked in {', '.join(looked)}); download and extract the python "
-        f"version from https://www.cs.toronto.edu/~kriz/cifar.html into one of these, or set "
-        f"data.root (or $PEERDISTILL_DATA) to the folder holding {folder}/")
+    """Locate ``folder`` holding every file in ``markers``."""
+    return find_dataset_dir(folder, root, lambda d: all((d / m).is_file() for m in markers),
+                            "download and extract the python version from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html into one of these")
 
 
 def _cat(sets: list[ImageSet]) -> ImageSet:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PeerdistillError
+from ..fileio import find_dataset_dir
 from .base import DATASETS, DatasetSplits, ImageSet
 from .cache import cached_arrays, decode_images, fingerprint
 
@@ -32,21 +33,9 @@ STD = (0.229, 0.224, 0.225)
 
 def find_root(root: str | None) -> Path:
     """``root`` may be ``tiny-imagenet-200/`` itself or its parent; else the default roots."""
-    if root:
-        bases = [Path(root).expanduser()]
-    else:
-        bases = [Path(p).expanduser() for p in (os.environ.get("PEERDISTILL_DATA", ""),
-                                                "./data", "~/.cache/peerdistill") if p]
-    looked = []
-    for base in bases:
-        for cand in (base, base / FOLDER):
-            looked.append(str(cand))
-            if (cand / "wnids.txt").is_file() and (cand / "train").is_dir():
-                return cand
-    raise PeerdistillError(
-        f"{FOLDER}/ not found (looked in {', '.join(looked)}); download "
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzip it into one of these, or set "
-        f"data.root (or $PEERDISTILL_DATA) to the folder holding {FOLDER}/")
+    return find_dataset_dir(FOLDER, root, lambda d: (d / "wnids.txt").is_file() and (d / "train").is_dir(),
+                            "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into one "
+                            "of these")
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,29 +1,18 @@
 """Atomic checkpoint writes and safe reads."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import PeerdistillError
+from ..fileio import atomic_write
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through a temp file and a rename: a crash never leaves a half-written checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
+
 
 def _scalars(prefix: str, obj: Any) -> dict[str, float]:
     """Flatten nested dicts of numbers into ``a/b/c`` -> value."""
@@ -70,6 +72,4 @@ class RunLogger:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
