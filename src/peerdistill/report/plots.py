@@ -19,29 +19,29 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     heads = [h for h in history[-1]["test"] if not h.startswith("_") and h != "peers_mean"]
     for i, head in enumerate(heads):
         color = f"C{i % 10}"
-        ax.plot(epochs, [r["test"].get(head, {}).get("top1") for r in history], color=color, label=f"{head} test")
+        ax.plot(epochs, [r["test"].get(head, {}).get("top1") for r in history], color=color, marker="o", ms=3,
+                label=f"{head} test")
         if history[-1].get("val"):
-            ax.plot(epochs, [r["val"].get(head, {}).get("top1") for r in history], color=color, ls="--",
+            ax.plot(epochs, [r["val"].get(head, {}).get("top1") for r in history], color=color, ls="--", marker="o", ms=3,
                     label=f"{head} val")
     ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy per head")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    acc = out_dir / "accuracy.png"
-    fig.savefig(acc, dpi=110)
-    plt.close(fig)
+    acc = _save(fig, ax, out_dir / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for term in history[-1]["loss"]:
-        ax.plot(epochs, [r["loss"].get(term) for r in history], label=term, lw=2.2 if term == "loss" else 1.2)
+        ax.plot(epochs, [r["loss"].get(term) for r in history], label=term, marker="o", ms=3,
+                lw=2.2 if term == "loss" else 1.2)
     ax.set(xlabel="epoch", ylabel="mean loss", title="Loss terms", yscale="log")
+    return [acc, _save(fig, ax, out_dir / "losses.png")]
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    loss = out_dir / "losses.png"
-    fig.savefig(loss, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [acc, loss]
+    return path
 
 
 def plot_reliability(bins: dict[str, dict[str, list[float]]], out_dir: Path) -> Path:
@@ -52,9 +52,4 @@ def plot_reliability(bins: dict[str, dict[str, list[float]]], out_dir: Path) -> 
         pts = [(c, a) for c, a, n in zip(b["confidence"], b["accuracy"], b["count"]) if n > 0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i % 10}", label=head)
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (test)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "reliability.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out_dir / "reliability.png")
