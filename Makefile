@@ -33,7 +33,7 @@ demo: setup data
 	$(BIN)/peerdistill train --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
