@@ -29,13 +29,15 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """Post-activation bottleneck 1x1 - 3x3 - 1x1 (4 * planes); ``width`` widens the middle (WRN-20-8)."""
+
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, width: int | None = None) -> None:
         super().__init__()
-        cout = planes * self.expansion
-        self.body = nn.Sequential(conv_bn(cin, planes, 1), conv_bn(planes, planes, 3, stride),
-                                  conv_bn(planes, cout, 1, relu=False))
+        cout, width = planes * self.expansion, width or planes
+        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
+                                  conv_bn(width, cout, 1, relu=False))
         self.short = (nn.Identity() if stride == 1 and cin == cout
                       else conv_bn(cin, cout, 1, stride, relu=False))
         self.act = nn.ReLU(inplace=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MODELS, StagedNet, init_weights
-from .resnet import conv_bn
+from .resnet import Bottleneck, conv_bn
 
 
 class PreActBlock(nn.Module):
@@ -92,24 +92,6 @@ for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2), (28, 4)):
     _register_wrn(_d, _k)
 
 
-class WideBottleneck(nn.Module):
-    """Post-activation bottleneck with a widened middle: 1x1 (width) - 3x3 (width) - 1x1 (4 * planes)."""
-
-    expansion = 4
-
-    def __init__(self, cin: int, planes: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        cout = planes * self.expansion
-        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
-                                  conv_bn(width, cout, 1, relu=False))
-        self.short = (nn.Identity() if stride == 1 and cin == cout
-                      else conv_bn(cin, cout, 1, stride, relu=False))
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.body(x) + self.short(x))
-
-
 @MODELS.register("wrn_20_8")
 def wrn_20_8(num_classes: int = 10, in_channels: int = 3) -> StagedNet:
     """WRN-20-8 as used by OKDDip / PCL / DKEL (not the pre-activation WRN of the WRN paper).
@@ -131,8 +113,8 @@ def wrn_20_8(num_classes: int = 10, in_channels: int = 3) -> StagedNet:
     for i, planes in enumerate((16, 32, 64)):
         blocks: list[nn.Module] = []
         for j in range(2):
-            blocks.append(WideBottleneck(cin, planes, planes * 8, 2 if (i > 0 and j == 0) else 1))
-            cin = planes * WideBottleneck.expansion
+            blocks.append(Bottleneck(cin, planes, 2 if (i > 0 and j == 0) else 1, width=planes * 8))
+            cin = planes * Bottleneck.expansion
         stages.append((f"stage{i + 1}", nn.Sequential(*blocks)))
     net = StagedNet(conv_bn(in_channels, 16, 3), stages, cin, num_classes)
     init_weights(net)  # OKDDip: He fan-out convs, unit BN
