@@ -76,7 +76,7 @@ class Config:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool | None = None  # None = auto (on)
-    compile: bool = False
+    threads: int = 0  # CPU intra-op threads; 0 = torch's default (one per core)
     device: str = "auto"
     sync_bn: bool = False
     data: DataConfig = field(default_factory=DataConfig)

@@ -64,6 +64,8 @@ class Trainer:
             raise PeerdistillError("sync_bn=true needs CUDA devices: torch's SyncBatchNorm has no CPU implementation")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         built = build_run(cfg, self.device)
         self.data, self.method, self.cohort = built.data, built.method, built.cohort
