@@ -11,7 +11,6 @@ builds numpy arrays; anything else in the stream is refused before it is called.
 from __future__ import annotations
 
 import codecs
-import os
 import pickle
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,6 @@ The 110k JPEGs are decoded once with Pillow and cached as an uncompressed ``.npz
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..config import Config, from_dict
 from ..data import DATASETS, DatasetSplits

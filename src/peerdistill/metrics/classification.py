@@ -19,7 +19,6 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     conf = confidence.double()
     ids = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (edges[b], edges[b+1]]
-    count = torch.bincount(ids, minlength=bins).double()
     conf_sum = torch.bincount(ids, weights=conf, minlength=bins)
     acc_sum = torch.bincount(ids, weights=correct.double(), minlength=bins)
     return float((conf_sum - acc_sum).abs().sum() / n)
