@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -36,6 +37,8 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
+    if ax.get_xlabel() == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
