@@ -2,6 +2,8 @@
 or 9n + 2 (bottleneck, as ResNet-110 in MCL/PCL), and the wide "x4" variants of CRD (32/64/128 x 4)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from .base import MODELS, StagedNet, init_weights
@@ -46,17 +48,13 @@ class Bottleneck(nn.Module):
         return self.act(self.body(x) + self.short(x))
 
 
-def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64),
-                 bottleneck: bool = False, stem: int | None = None) -> StagedNet:
-    """Build a 3-stage CIFAR ResNet of the given depth (stem width defaults to ``widths[0]``)."""
-    block = Bottleneck if bottleneck else BasicBlock
-    per = 9 if bottleneck else 6
-    if (depth - 2) % per:
-        raise ValueError(f"depth {depth} is not {per}n+2")
-    n = (depth - 2) // per
+def residual_net(block: type[BasicBlock] | type[Bottleneck], counts: Sequence[int], widths: Sequence[int],
+                 num_classes: int, in_channels: int, stem: int | None = None) -> StagedNet:
+    """A 3x3 stride-1 conv-BN-ReLU stem, then one stage of ``counts[i]`` blocks of width ``widths[i]`` per
+    entry (every stage but the first strides by 2): the CIFAR layout of every ResNet in the zoo."""
     cin = stem or widths[0]
     stages = []
-    for i, w in enumerate(widths):
+    for i, (w, n) in enumerate(zip(widths, counts)):
         blocks = []
         for j in range(n):
             blocks.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
@@ -65,6 +63,17 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[i
     net = StagedNet(conv_bn(in_channels, stem or widths[0], 3), stages, cin, num_classes)
     init_weights(net)
     return net
+
+
+def cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64),
+                 bottleneck: bool = False, stem: int | None = None) -> StagedNet:
+    """Build a 3-stage CIFAR ResNet of the given depth (stem width defaults to ``widths[0]``)."""
+    block = Bottleneck if bottleneck else BasicBlock
+    per = 9 if bottleneck else 6
+    if (depth - 2) % per:
+        raise ValueError(f"depth {depth} is not {per}n+2")
+    n = (depth - 2) // per
+    return residual_net(block, [n] * len(widths), widths, num_classes, in_channels, stem)
 
 
 def _register(name: str, depth: int, widths: tuple[int, ...] = (16, 32, 64), bottleneck: bool = False,
