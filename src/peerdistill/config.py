@@ -77,6 +77,7 @@ class Config:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool | None = None  # None = auto (on)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default (one per core)
+    fused: bool = False  # run a homogeneous independent cohort as one vmapped network (Cohort._fused_forward)
     device: str = "auto"
     sync_bn: bool = False
     data: DataConfig = field(default_factory=DataConfig)

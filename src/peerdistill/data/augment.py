@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .host import to_device
+
 
 class BatchAugment:
     """Standard CIFAR-style training augmentation applied to a whole uint8 batch at once.
@@ -31,8 +33,9 @@ class BatchAugment:
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> normalised float32 in the configured memory format."""
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        out = (x.float().div_(255.0) - mean) / std
+        if self.mean.device != x.device:  # moved once, not copied from the host every step
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        out = (x.float().div_(255.0) - self.mean) / self.std
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=fmt)
 
@@ -58,7 +61,7 @@ def _rand(shape: tuple[int, ...], x: Tensor, gen: torch.Generator | None, high: 
     rank, world = shard
     full = (shape[0] * world, *shape[1:])
     t = torch.randint(high, full, generator=gen, device=dev) if high else torch.rand(full, generator=gen, device=dev)
-    return (t[rank::world] if world > 1 else t).to(x.device)
+    return to_device(t[rank::world] if world > 1 else t, x.device)
 
 
 def random_crop(x: Tensor, padding: int, gen: torch.Generator | None = None, shard: Shard = (0, 1)) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
+from .host import host_values, to_device
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Mixer:
     prob: float = 1.0
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, MixRecord | None]:
-        if self.prob < 1.0 and float(torch.rand((), generator=gen)) >= self.prob:
+        if self.prob < 1.0 and host_values(torch.rand((), generator=gen)) >= self.prob:
             return x, None
         rec = self.record(x.shape, x.device, gen)
         return rec.mix_images(x), rec
@@ -70,7 +71,7 @@ MIXERS: Registry[Mixer] = Registry("mixer")
 
 def beta(alpha: float, gen: torch.Generator | None) -> float:
     """One Beta(alpha, alpha) draw, reproducible from the seeded torch generator."""
-    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    seed = host_values(torch.randint(0, 2**62, (), generator=gen))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
@@ -78,14 +79,14 @@ def random_perm(b: int, gen: torch.Generator | None, device: torch.device, deran
     """A random permutation of the batch; with ``derangement`` no sample is paired with itself."""
     while True:
         perm = torch.randperm(b, generator=gen)
-        if not derangement or b < 2 or not bool((perm == torch.arange(b)).any()):
-            return perm.to(device)
+        if not derangement or b < 2 or not host_values((perm == torch.arange(b)).any()):
+            return to_device(perm, device)
 
 
 def two_way(perm: Tensor, lam: float, pixel_self: Tensor, device: torch.device) -> MixRecord:
     b = perm.numel()
     ident = torch.arange(b, device=device)
-    weights = torch.tensor([lam, 1.0 - lam], device=device)[:, None].expand(2, b)
+    weights = to_device(torch.tensor([lam, 1.0 - lam]), device)[:, None].expand(2, b)
     pixel = torch.stack([pixel_self, 1.0 - pixel_self])
     return MixRecord(torch.stack([ident, perm]), weights.contiguous(), pixel.expand(2, b, *pixel.shape[2:]))
 
@@ -113,7 +114,7 @@ def rand_box(h: int, w: int, lam: float, gen: torch.Generator | None) -> tuple[i
     """CutMix box: side ratio sqrt(1 - lam), uniform centre, clipped to the image. Returns y1, y2, x1, x2."""
     cut = math.sqrt(1.0 - lam)
     ch, cw = int(h * cut), int(w * cut)
-    cy, cx = (int(v) for v in torch.randint(0, 1 << 30, (2,), generator=gen) % torch.tensor([h, w]))
+    cy, cx = host_values(torch.randint(0, 1 << 30, (2,), generator=gen) % torch.tensor([h, w]))
     return (max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w))
 
 

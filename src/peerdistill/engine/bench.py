@@ -12,6 +12,7 @@ import json
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,6 +132,9 @@ def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     timed_seconds = _timed(trainer, batches, steps)
     trainer.timer.enabled = False
     peers = len(trainer.cohort)
+    syncs = _host_syncs(trainer, batches) if trainer.device.type == "cuda" else None
+    eval_s = _eval_seconds(trainer)
+    epoch_s = trainer.steps_per_epoch * seconds / steps
     return {**_essentials(trainer, steps, warmup),
             "images_per_s": cfg.batch_size * steps / seconds,
             "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
@@ -138,13 +142,46 @@ def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
             **_breakdown(trainer.timer.totals, timed_seconds, steps),
             "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": rss_growth(rss),
             "gpu_peak_mb": (torch.cuda.max_memory_allocated(trainer.device) / 2**20
-                            if trainer.device.type == "cuda" else None)}
+                            if trainer.device.type == "cuda" else None),
+            "host_syncs_per_step": syncs,
+            "eval_s": eval_s, "train_epoch_s": epoch_s, "epochs": cfg.epochs,
+            "projected_run_s": cfg.epochs * (epoch_s + eval_s)}
+
+
+def _host_syncs(trainer: Trainer, batches: Iterator[Batch]) -> float:
+    """CUDA only: device synchronisations per training step, counted by torch's sync debug mode."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                trainer.train_step(next(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / 3
+
+
+def _eval_seconds(trainer: Trainer) -> float:
+    """Seconds of one end-of-epoch evaluation (validation and test splits)."""
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    for split in (trainer.data.val, trainer.data.test):
+        if split is not None:
+            trainer.evaluate(split)
+    _sync(trainer.device)
+    return time.perf_counter() - t0
+
+
+def _duration(seconds: float) -> str:
+    m = int(round(seconds / 60))
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else (f"{m} min" if m else f"{seconds:.0f} s")
 
 
 def _essentials(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     cfg = trainer.cfg
     return {"device": str(trainer.device), "precision": trainer.precision.name,
-            "channels_last": trainer.channels_last, "threads": torch.get_num_threads(),
+            "channels_last": trainer.channels_last, "fused": trainer.cohort.fused,
+            "threads": torch.get_num_threads(),
             "method": cfg.method.name, "model": cfg.model.name, "peers": len(trainer.cohort),
             "data": cfg.data.name, "image_shape": list(trainer.data.train.images.shape[1:]),
             "num_classes": trainer.num_classes, "batch_size": cfg.batch_size,
@@ -163,7 +200,7 @@ def _breakdown(totals: dict[str, float], seconds: float, steps: int) -> dict[str
 
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable table ``peerdistill bench`` prints."""
-    fmt = "channels_last" if r["channels_last"] else "NCHW"
+    fmt = ("channels_last" if r["channels_last"] else "NCHW") + (", fused cohort" if r["fused"] else "")
     procs = f" x {r['world_size']} processes" if r["world_size"] > 1 else ""
     lines = [f"{r['method']} x{r['peers']} {r['model']} on {r['data']} {tuple(r['image_shape'])}, "
              f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, {r['threads']} threads{procs}, "
@@ -177,6 +214,10 @@ def format_report(r: dict[str, Any]) -> str:
              f"  RSS growth over timed steps   {r['rss_growth_mb']:10.1f} MB (last vs first quarter)"]
     if r.get("gpu_peak_mb") is not None:
         lines.append(f"  GPU peak allocated            {r['gpu_peak_mb']:10.1f} MB")
+    if r.get("host_syncs_per_step") is not None:
+        lines.append(f"  host syncs per step           {r['host_syncs_per_step']:10.1f}")
+    lines.append(f"  projected run                 {_duration(r['projected_run_s']):>10} "
+                 f"({r['epochs']} epochs x ({r['train_epoch_s']:.1f} s train + {r['eval_s']:.1f} s evaluation))")
     lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
                   f"{r['timed_step_ms']:.1f} ms/step)"]
     for p, v in r["breakdown_ms"].items():

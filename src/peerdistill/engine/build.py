@@ -62,7 +62,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
         raise PeerdistillError(f"method {cfg.method.name!r} needs at least {needs.min_peers} peers, got {n}")
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
-                          needs.topology, needs.split_after)
+                          needs.topology, needs.split_after, cfg.fused)
     method.setup(cohort, num_classes)
     return Built(data, method, cohort, num_classes, in_channels)
 

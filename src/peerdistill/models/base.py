@@ -55,7 +55,7 @@ class StagedNet(nn.Module):
 
     def pool(self, fmap: Tensor) -> Tensor:
         """Global average pooling: (B, C, H, W) -> (B, C)."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
+        return fmap.mean((2, 3))
 
     def forward_head(self, fmap: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool the last stage map and classify it (or return the pooled embedding)."""

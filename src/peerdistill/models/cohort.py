@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from ..errors import PeerdistillError
 from ..methods.base import PeerOutput
@@ -21,12 +23,16 @@ class Cohort(nn.Module):
     Args:
         nets: the peers (already sharing their trunk modules when ``shared > 0``).
         shared: number of leading stages (with the stem) shared by all peers; 0 = independent.
+        fused: run a homogeneous independent cohort as one batched network (see :meth:`_fused_forward`).
     """
 
-    def __init__(self, nets: Sequence[StagedNet], shared: int = 0) -> None:
+    def __init__(self, nets: Sequence[StagedNet], shared: int = 0, fused: bool = False) -> None:
         super().__init__()
         self.nets = nn.ModuleList(nets)
         self.shared = shared
+        if fused:
+            check_fusable(self.nets, shared)
+        self.fused = fused
 
     def __len__(self) -> int:
         return len(self.nets)
@@ -37,6 +43,8 @@ class Cohort(nn.Module):
 
     def forward(self, views: Sequence[Tensor], taps: Sequence[str] = ()) -> list[PeerOutput]:
         """Run peer i on ``views[i]``; a shared trunk runs once per distinct view object."""
+        if self.fused:
+            return self._fused_forward(views, taps)
         trunk: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
         outs = []
         for net, x in zip(self.nets, views):
@@ -58,10 +66,74 @@ class Cohort(nn.Module):
             outs.append(PeerOutput(net.classifier(emb), emb, keep))
         return outs
 
+    def _fused_forward(self, views: Sequence[Tensor], taps: Sequence[str]) -> list[PeerOutput]:
+        """All peers as one network: ``torch.func.vmap`` over the peers' stacked weights.
+
+        Convolutions become grouped convolutions, BatchNorm one normalisation over peers x channels, the
+        heads one batched matmul, so each layer is one kernel for the whole cohort instead of one per
+        peer. The peers' own parameters stay the trained tensors (stacking is differentiable, so
+        gradients, the optimizer, DDP and checkpoints see the usual per-peer parameters); BatchNorm
+        running statistics are updated on the stacked copy and written back. The result equals the
+        per-peer loop up to floating-point summation order. Whether it is faster depends on the
+        hardware: measure with ``peerdistill bench fused=true`` against ``fused=false``.
+        """
+        nets = list(self.nets)
+        params = {k: torch.stack(ts) for k, ts in _gather(nets, "named_parameters").items()}
+        buffers = {k: torch.stack(ts) for k, ts in _gather(nets, "named_buffers").items()}
+        same = all(v is views[0] for v in views)
+        x = views[0] if same else torch.stack(list(views))
+        keep = tuple(nets[0].stage_names) if "*" in taps else tuple(taps)
+        peer = _Tapped(nets[0], keep)
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            return functional_call(peer, ({f"net.{k}": v for k, v in p.items()},
+                                          {f"net.{k}": v for k, v in b.items()}), (xi,))
+
+        logits, emb, maps = vmap(one, in_dims=(0, 0, None if same else 0), randomness="different")(
+            params, buffers, x)
+        if self.training:
+            with torch.no_grad():
+                for name, stacked in buffers.items():
+                    for net, value in zip(nets, stacked):
+                        net.get_buffer(name).copy_(value)
+        return [PeerOutput(logits[i], emb[i], {k: v[i] for k, v in maps.items()}) for i in range(len(nets))]
+
+
+class _Tapped(nn.Module):
+    """One peer's forward returning (logits, embedding, requested maps): the function vmapped over peers."""
+
+    def __init__(self, net: StagedNet, keep: tuple[str, ...]) -> None:
+        super().__init__()
+        self.net, self.keep = net, keep
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        maps = self.net.forward_features(x)
+        emb = self.net.pool(maps[self.net.stage_names[-1]])
+        return self.net.classifier(emb), emb, {k: maps[k] for k in self.keep}
+
+
+def _gather(nets: Sequence[nn.Module], kind: str) -> dict[str, list[Tensor]]:
+    out: dict[str, list[Tensor]] = {}
+    for net in nets:
+        for name, t in getattr(net, kind)():
+            out.setdefault(name, []).append(t)
+    return out
+
+
+def check_fusable(nets: Sequence[nn.Module], shared: int) -> None:
+    """A fused cohort needs independent peers of one architecture (same parameter and buffer shapes)."""
+    if shared:
+        raise PeerdistillError("fused=true needs an independent cohort; this method shares a trunk between peers")
+    if len(nets) < 2:
+        raise PeerdistillError("fused=true needs at least 2 peers")
+    shapes = [[(n, tuple(t.shape)) for n, t in [*net.named_parameters(), *net.named_buffers()]] for net in nets]
+    if any(s != shapes[0] for s in shapes[1:]) or len({type(net) for net in nets}) > 1:
+        raise PeerdistillError("fused=true needs every peer to be the same model")
+
 
 def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: int,
                  model_args: dict[str, object], topology: str = "independent",
-                 split_after: str | None = None) -> Cohort:
+                 split_after: str | None = None, fused: bool = False) -> Cohort:
     """Build ``n`` peers. ``models`` has one name (homogeneous) or ``n`` names (heterogeneous).
 
     For ``topology="branched"`` the peers share the stem and every stage up to ``split_after``
@@ -72,7 +144,7 @@ def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: i
     names = list(models) * n if len(models) == 1 else list(models)
     nets = [build_model(name, num_classes, in_channels, **model_args) for name in names]
     if topology == "independent":
-        return Cohort(nets)
+        return Cohort(nets, fused=fused)
     if topology != "branched":
         raise PeerdistillError(f"unknown topology {topology!r}")
     if len(set(names)) > 1:
@@ -89,4 +161,4 @@ def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: i
         net.stem = nets[0].stem
         for j in range(shared):
             net.stages[j] = nets[0].stages[j]
-    return Cohort(nets, shared)
+    return Cohort(nets, shared, fused)

@@ -1,0 +1,95 @@
+"""The fused cohort (one vmapped network for all peers) computes what the per-peer loop computes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peerdistill.engine.trainer import Trainer
+from peerdistill.errors import PeerdistillError
+from peerdistill.models import build_model
+from peerdistill.models.cohort import Cohort, build_cohort
+
+from .conftest import tiny_cfg
+
+
+def _pair(model: str = "resnet8", n: int = 3) -> tuple[Cohort, Cohort]:
+    torch.manual_seed(0)
+    loop = build_cohort([model], n, 5, 3, {})
+    fused = copy.deepcopy(loop)
+    fused.fused = True
+    return loop, fused
+
+
+@pytest.mark.parametrize("model", ["resnet8", "wrn_16_1", "vgg8"])
+@pytest.mark.parametrize("distinct_views", [False, True])
+def test_fused_matches_loop_outputs_grads_and_bn_stats(model: str, distinct_views: bool) -> None:
+    loop, fused = _pair(model)
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 16, 16)
+    views = [torch.randn(8, 3, 16, 16) for _ in range(3)] if distinct_views else [x] * 3
+    outs = {}
+    for name, cohort in (("loop", loop), ("fused", fused)):
+        cohort.train()
+        res = cohort(views, ("*",))
+        loss = sum((o.logits.square().mean() + o.embedding.mean() + sum(m.mean() for m in o.maps.values()))
+                   * (i + 1) for i, o in enumerate(res))
+        loss.backward()
+        outs[name] = res
+    for a, b in zip(outs["loop"], outs["fused"]):
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.embedding, a.embedding, atol=1e-5, rtol=1e-4)
+        assert a.maps.keys() == b.maps.keys() and len(a.maps) == len(loop.nets[0].stage_names)
+        for k in a.maps:
+            torch.testing.assert_close(b.maps[k], a.maps[k], atol=1e-5, rtol=1e-4)
+    for (name, pa), pb in zip(loop.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, ba), bb in zip(loop.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(bb, ba, atol=1e-6, rtol=1e-5, msg=name)
+    tracked = [int(m.num_batches_tracked) for m in fused.nets[2].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert tracked and set(tracked) == {1}
+
+
+def test_fused_eval_uses_running_stats_and_leaves_them_alone() -> None:
+    loop, fused = _pair()
+    x = torch.randn(4, 3, 16, 16)
+    for cohort in (loop, fused):
+        cohort.train()
+        cohort([x] * 3)  # move the running statistics away from their initial values
+        cohort.eval()
+    before = [b.clone() for b in fused.buffers()]
+    with torch.no_grad():
+        for a, b in zip(loop([x] * 3), fused([x] * 3)):
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))
+
+
+def test_fused_cohort_errors() -> None:
+    with pytest.raises(PeerdistillError, match="same model"):
+        build_cohort(["resnet8", "resnet14"], 2, 5, 3, {}, fused=True)
+    with pytest.raises(PeerdistillError, match="independent cohort"):
+        build_cohort(["resnet8"], 3, 5, 3, {}, topology="branched", fused=True)
+    with pytest.raises(PeerdistillError, match="at least 2 peers"):
+        Cohort([build_model("resnet8", 5, 3)], fused=True)
+
+
+def test_fused_training_matches_loop_training_and_checkpoints_are_interchangeable(tmp_path) -> None:
+    common = ["method=dml", "peers=2", "precision=fp32", "epochs=1"]
+    results = {}
+    for fused in (False, True):
+        tr = Trainer(tiny_cfg(*common, f"fused={str(fused).lower()}"), tmp_path / str(fused))
+        assert tr.cohort.fused is fused
+        results[fused] = (tr.train_epoch()["loss"], tr.evaluate(tr.data.test))
+        tr.save("last.pt")
+    for k, v in results[False][0].items():
+        assert results[True][0][k] == pytest.approx(v, rel=1e-3), k
+    assert results[True][1]["peer0"]["top1"] == pytest.approx(results[False][1]["peer0"]["top1"], abs=2.0)
+    plain = Trainer(tiny_cfg(*common), None)
+    plain.load(tmp_path / "True" / "checkpoints" / "last.pt")  # a fused run's checkpoint loads unfused
+    assert plain.evaluate(plain.data.test)["peer1"]["top1"] == pytest.approx(results[True][1]["peer1"]["top1"])
+
+
+def test_fused_is_rejected_for_a_branched_method() -> None:
+    with pytest.raises(PeerdistillError, match="independent cohort"):
+        Trainer(tiny_cfg("method=one", "peers=3", "fused=true"), None)
