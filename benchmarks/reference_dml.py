@@ -9,12 +9,16 @@ stepped in turn, with the per-step ``loss.item()`` / accuracy book-keeping those
 The data is CIFAR-100-shaped random uint8 (32x32x3, 100 classes) and the peers are
 ``peerdistill.models.build_model("resnet32")``, so the networks are exactly the ones peerdistill trains.
 
-Run alone:  .venv/bin/python benchmarks/reference_dml.py --steps 30
+On a GPU (``--device cuda``) it does what those code bases do there: ``pin_memory=True`` loaders,
+``x.cuda(non_blocking=True)``, fp32 NCHW models on the device, and the per-step ``.item()`` meters.
+
+Run alone:  .venv/bin/python benchmarks/reference_dml.py --steps 30 [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -72,8 +76,18 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction="batchmean")
 
 
+def default_workers() -> int:
+    """One worker per core up to 4, the usual ``--workers`` of CIFAR research code."""
+    return min(4, os.cpu_count() or 1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_steps(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], loader: DataLoader,
-                steps: int, state: dict) -> None:
+                steps: int, state: dict, device: torch.device = torch.device("cpu")) -> None:
     """Run ``steps`` DML steps, starting new loader epochs as needed (``state`` keeps the iterator)."""
     n = len(models)
     losses = [AverageMeter() for _ in models]
@@ -84,6 +98,7 @@ def train_steps(models: list[nn.Module], optimizers: list[torch.optim.Optimizer]
         except (StopIteration, KeyError):
             state["it"] = iter(loader)
             x, y = next(state["it"])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         outputs = [m(x) for m in models]
         for i in range(n):
             ce = F.cross_entropy(outputs[i], y)
@@ -97,23 +112,29 @@ def train_steps(models: list[nn.Module], optimizers: list[torch.optim.Optimizer]
 
 
 def run_reference(steps: int = 30, warmup: int = 5, size: int = 5000, batch_size: int = 128, peers: int = 2,
-                  workers: int = 2, model: str = "resnet32", num_classes: int = 100, seed: int = 0) -> dict:
+                  workers: int | None = None, model: str = "resnet32", num_classes: int = 100, seed: int = 0,
+                  device: str = "cpu") -> dict:
     """Time ``steps`` steps of the reference loop after ``warmup``; images/s through the cohort."""
+    dev = torch.device(device)
+    workers = default_workers() if workers is None else workers
     torch.manual_seed(seed)
     np.random.seed(seed)
     data = RandomCifarLike(size, num_classes, seed=seed)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
-    models = [build_model(model, num_classes=num_classes, in_channels=3).train() for _ in range(peers)]
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        pin_memory=dev.type == "cuda")
+    models = [build_model(model, num_classes=num_classes, in_channels=3).to(dev).train() for _ in range(peers)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
                   for m in models]
     state: dict = {}
-    train_steps(models, optimizers, loader, warmup, state)
+    train_steps(models, optimizers, loader, warmup, state, dev)
+    sync(dev)
     t0 = time.perf_counter()
-    train_steps(models, optimizers, loader, steps, state)
+    train_steps(models, optimizers, loader, steps, state, dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     state.clear()  # shuts the worker processes down
     return {"images_per_s": batch_size * steps / seconds, "images_per_s_per_peer": batch_size * steps / seconds / peers,
-            "step_ms": 1000.0 * seconds / steps, "peers": peers, "batch_size": batch_size, "workers": workers,
+            "step_ms": 1000.0 * seconds / steps, "device": str(dev), "peers": peers, "batch_size": batch_size, "workers": workers,
             "precision": "fp32", "channels_last": False, "steps": steps, "warmup": warmup,
             "threads": torch.get_num_threads()}
 
@@ -125,12 +146,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--peers", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores, at most 4)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    r = run_reference(a.steps, a.warmup, a.size, a.batch_size, a.peers, a.workers)
+    r = run_reference(a.steps, a.warmup, a.size, a.batch_size, a.peers, a.workers, device=a.device)
     print(json.dumps(r) if a.json else f"reference DML: {r['images_per_s']:.1f} images/s through the cohort "
-          f"({r['step_ms']:.0f} ms/step, {a.peers} x resnet32, batch {a.batch_size}, {a.workers} workers)")
+          f"({r['step_ms']:.0f} ms/step, {a.peers} x resnet32, batch {a.batch_size}, {r['workers']} workers, "
+          f"{r['device']})")
 
 
 if __name__ == "__main__":

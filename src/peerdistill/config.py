@@ -30,7 +30,7 @@ class Component:
 class DataConfig:
     """Dataset and augmentation.
 
-    ``size``/``num_classes``/``image_size``/``channels``/``seed`` configure the ``synthetic`` source;
+    ``size``/``test_size``/``num_classes``/``image_size``/``channels`` configure the ``synthetic`` source;
     ``padding``/``flip`` default to the dataset's standard augmentation.
     """
 
@@ -38,6 +38,7 @@ class DataConfig:
     root: str | None = None
     val_split: float = 0.1
     size: int = 512
+    test_size: int = 256
     num_classes: int = 10
     image_size: int = 32
     channels: int = 3
