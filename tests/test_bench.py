@@ -22,9 +22,9 @@ def test_bench_json_report_is_self_consistent(capsys):
     assert r["method"] == "dml" and r["peers"] == 2 and r["batch_size"] == 16 and r["steps"] == 3
     assert r["images_per_s"] == pytest.approx(16 * 1000.0 / r["step_ms"])
     assert r["images_per_s_per_peer"] == pytest.approx(r["images_per_s"] / 2)
-    assert set(r["breakdown_ms"]) == {"data", "forward", "backward", "optimizer", "update", "other"}
+    assert set(r["breakdown_ms"]) == {"data", "forward", "losses", "backward", "optimizer", "update", "other"}
     assert sum(r["breakdown_pct"].values()) == pytest.approx(100.0)
-    assert r["breakdown_ms"]["forward"] > 0 and r["breakdown_ms"]["backward"] > 0
+    assert all(r["breakdown_ms"][p] > 0 for p in ("data", "forward", "losses", "backward", "optimizer"))
     assert r["peak_rss_mb"] > 50 and r["gpu_peak_mb"] is None and r["host_syncs_per_step"] is None
     assert r["fused"] is False and r["epochs"] == 2
     assert r["projected_run_s"] == pytest.approx(2 * (r["train_epoch_s"] + r["eval_s"]))
@@ -36,7 +36,7 @@ def test_bench_human_report_names_the_settings(capsys):
     run_bench(_cfg("fused=true"), steps=2, warmup=1)
     out = capsys.readouterr().out
     assert "dml x2 resnet8" in out and "fused cohort" in out and "projected run" in out
-    for phase in ("data", "forward", "backward", "optimizer"):
+    for phase in ("data", "forward", "losses", "backward", "optimizer"):
         assert f"  {phase}" in out
 
 

@@ -28,7 +28,7 @@ from .distributed import teardown
 from .precision import resolve_device, resolve_precision
 from .trainer import Trainer
 
-PHASES = ("data", "forward", "backward", "optimizer", "update")
+PHASES = ("data", "forward", "losses", "backward", "optimizer", "update")
 
 
 def peak_rss_mb() -> float:

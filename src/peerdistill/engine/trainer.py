@@ -33,14 +33,17 @@ from .timer import PhaseTimer
 class StepModule(nn.Module):
     """Cohort + method as one module: what DDP wraps, so every trainable parameter is synchronised."""
 
-    def __init__(self, cohort: Cohort, method: Method) -> None:
+    def __init__(self, cohort: Cohort, method: Method, timer: PhaseTimer) -> None:
         super().__init__()
-        self.cohort, self.method = cohort, method
+        self.cohort, self.method, self.timer = cohort, method, timer
 
     def forward(self, views: list[Tensor], taps: tuple[str, ...],
                 record: Callable[[list[PeerOutput]], StepRecord]) -> tuple[dict[str, Tensor], StepRecord]:
-        rec = record(self.cohort(views, taps))
-        return self.method.losses(rec), rec
+        with self.timer("forward"):
+            outputs = self.cohort(views, taps)
+        rec = record(outputs)
+        with self.timer("losses"):
+            return self.method.losses(rec), rec
 
 
 class NonFiniteLoss(PeerdistillError):
@@ -73,7 +76,8 @@ class Trainer:
         needs = self.method.needs
         self.taps = needs.taps
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = StepModule(self.cohort, self.method).to(self.device, memory_format=fmt)
+        self.timer = PhaseTimer(False, self.device)
+        self.module = StepModule(self.cohort, self.method, self.timer).to(self.device, memory_format=fmt)
         if cfg.sync_bn and self.dist.world_size > 1:
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
             self.cohort, self.method = self.module.cohort, self.module.method
@@ -98,7 +102,6 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] = {}
-        self.timer = PhaseTimer(False, self.device)
         self.gen = torch.Generator(device="cpu")
 
     # ------------------------------------------------------------------ training
@@ -110,9 +113,10 @@ class Trainer:
             views, mix = self.method.make_views(batch, lambda x: self.augment(x, self.gen), self.mixer, n, self.gen)
         lr = lr_at(cfg.optim, self.step, self.steps_per_epoch, cfg.epochs)
         set_lr(self.optimizer, lr)
-        with timer("forward"), self.precision.autocast():
-            ema_out = self._ema_forward(views) if self.ema is not None else None
-            teacher_out = self._teacher_forward(views) if self.teacher is not None else None
+        with self.precision.autocast():
+            with timer("forward"):  # the frozen copies; the cohort and the loss terms are timed in StepModule
+                ema_out = self._ema_forward(views) if self.ema is not None else None
+                teacher_out = self._teacher_forward(views) if self.teacher is not None else None
 
             def record(outputs: list[PeerOutput]) -> StepRecord:
                 return StepRecord(batch.labels, batch.index, views, outputs, self.cohort.heads, self.num_classes,
