@@ -36,13 +36,15 @@ def reliability_bins(confidence: Tensor, correct: Tensor, bins: int = 15) -> dic
 
 @dataclass
 class HeadMetrics:
-    """Accumulates one head's predictions over an evaluation pass."""
+    """Accumulates one head's predictions over an evaluation pass.
+
+    Everything stays on the logits' device until :meth:`compute`, so an evaluation pass on a GPU reads
+    back to the host once per head, not once per batch.
+    """
 
     ece_bins: int = 15
     n: int = 0
-    top1: float = 0.0
-    top5: float = 0.0
-    nll: float = 0.0
+    sums: list[Tensor] = field(default_factory=list)  # per batch: (top-1 hits, top-5 hits, summed NLL)
     conf: list[Tensor] = field(default_factory=list)
     correct: list[Tensor] = field(default_factory=list)
 
@@ -51,17 +53,17 @@ class HeadMetrics:
         k = min(5, logp.shape[1])
         top = logp.topk(k, dim=1).indices
         hit = top == labels[:, None]
-        self.top1 += float(hit[:, 0].sum())
-        self.top5 += float(hit.any(1).sum())
-        self.nll += float(F.nll_loss(logp, labels, reduction="sum"))
-        self.conf.append(logp.max(1).values.exp().cpu())
-        self.correct.append(hit[:, 0].cpu())
+        self.sums.append(torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                      F.nll_loss(logp, labels, reduction="sum").double()]))
+        self.conf.append(logp.max(1).values.exp())
+        self.correct.append(hit[:, 0])
         self.n += labels.numel()
 
     def compute(self) -> dict[str, float]:
-        conf, correct = torch.cat(self.conf), torch.cat(self.correct)
-        return {"top1": 100.0 * self.top1 / self.n, "top5": 100.0 * self.top5 / self.n,
-                "nll": self.nll / self.n, "ece": 100.0 * expected_calibration_error(conf, correct, self.ece_bins)}
+        top1, top5, nll = torch.stack(self.sums).sum(0).tolist()
+        conf, correct = torch.cat(self.conf).cpu(), torch.cat(self.correct).cpu()
+        return {"top1": 100.0 * top1 / self.n, "top5": 100.0 * top5 / self.n,
+                "nll": nll / self.n, "ece": 100.0 * expected_calibration_error(conf, correct, self.ece_bins)}
 
     def reliability(self) -> dict[str, list[float]]:
-        return reliability_bins(torch.cat(self.conf), torch.cat(self.correct), self.ece_bins)
+        return reliability_bins(torch.cat(self.conf).cpu(), torch.cat(self.correct).cpu(), self.ece_bins)
