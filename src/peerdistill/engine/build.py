@@ -22,7 +22,8 @@ def load_splits(cfg: Config) -> DatasetSplits:
     d = cfg.data
     kwargs: dict[str, object] = {"root": d.root}
     if d.name == "synthetic":
-        kwargs.update(size=d.size, test_size=d.test_size, num_classes=d.num_classes, image_size=d.image_size, channels=d.channels)
+        kwargs.update(size=d.size, test_size=d.test_size, num_classes=d.num_classes, image_size=d.image_size,
+                      channels=d.channels)
     splits = DATASETS.build(d.name, **kwargs).check(d.name)
     if d.train_subset and d.train_subset < len(splits.train):
         frac = 1.0 - d.train_subset / len(splits.train)
