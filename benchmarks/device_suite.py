@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from peerdistill.fileio import atomic_write
+
 HERE = Path(__file__).resolve().parent
 CIFAR100_SHAPE = ["method=dml", "model=resnet32", "batch_size=128", "epochs=300", "data.name=synthetic",
                   "data.size=50000", "data.test_size=10000", "data.val_split=0", "data.num_classes=100",
@@ -30,9 +32,17 @@ CIFAR100_SHAPE = ["method=dml", "model=resnet32", "batch_size=128", "epochs=300"
 
 
 def last_json(cmd: list[str]) -> dict:
-    """Run ``cmd`` and parse the JSON object on its last output line."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Run ``cmd`` and parse the JSON object on its last output line; a failure becomes ``{"error": ...}``
+    so one failing measurement does not lose the others."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "cmd": " ".join(cmd[1:])}
 
 
 def hours(seconds: float) -> str:
@@ -51,18 +61,27 @@ def main() -> None:
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = [o if not o.startswith("data.size=") else f"data.size={a.size}" for o in CIFAR100_SHAPE]
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     records: dict[str, list[dict]] = {"bench": [], "reference": []}
+
+    def add(kind: str, record: dict) -> None:
+        records[kind].append(record)
+        if "error" in record:
+            print(f"failed: {record['cmd']}\n  {record['error']}", file=sys.stderr, flush=True)
+        if a.out:  # after every measurement, so an interrupted suite keeps what it measured
+            text = json.dumps({"device": name, **records}, indent=1).encode()
+            atomic_write(a.out / "suite.json", lambda f: f.write(text))
+
     for peers in a.peers:
         for fused in (False, True):
             cmd = [sys.executable, "-m", "peerdistill", "bench", *shape, f"peers={peers}",
                    f"fused={str(fused).lower()}", "--steps", str(a.steps), "--warmup", str(a.warmup), "--json"]
-            records["bench"].append(last_json(cmd))
+            add("bench", last_json(cmd))
         if not a.skip_reference:
             cmd = [sys.executable, str(HERE / "compare_reference.py"), "--peers", str(peers), "--device", device,
                    "--repeats", str(a.reference_repeats), "--json"]
-            records["reference"].append(last_json(cmd))
-
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+            add("reference", last_json(cmd))
+    records = {k: [r for r in v if "error" not in r] for k, v in records.items()}
     print(f"## DML ResNet-32 on {name}, torch {torch.__version__}, CIFAR-100 shape, batch 128\n")
     print("| peers | fused | images/s (cohort) | per peer | step ms | GPU peak MB | peak RSS MB | host syncs/step "
           "| 300 epochs |")
@@ -80,9 +99,6 @@ def main() -> None:
             print(f"| {r['peers']} | {r['reference_images_per_s']:.0f} | {r['peerdistill_images_per_s']:.0f} | "
                   f"{r['bare_images_per_s']:.0f} | {r['speedup_vs_reference']:.2f}x (target {r['target_speedup']}) | "
                   f"{r['fraction_of_bare']:.2f} |")
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "suite.json").write_text(json.dumps({"device": name, **records}, indent=1))
 
 
 if __name__ == "__main__":
