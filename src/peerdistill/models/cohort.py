@@ -91,11 +91,11 @@ class Cohort(nn.Module):
 
         logits, emb, maps = vmap(one, in_dims=(0, 0, None if same else 0), randomness="different")(
             params, buffers, x)
-        if self.training:
+        if self.training:  # write the updated running statistics back, as a few multi-tensor copies
             with torch.no_grad():
-                for name, stacked in buffers.items():
-                    for net, value in zip(nets, stacked):
-                        net.get_buffer(name).copy_(value)
+                names = list(buffers)
+                torch._foreach_copy_([net.get_buffer(k) for k in names for net in nets],
+                                     [v for k in names for v in buffers[k].unbind(0)])
         return [PeerOutput(logits[i], emb[i], {k: v[i] for k, v in maps.items()}) for i in range(len(nets))]
 
 
