@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from peerdistill.engine.bench import format_duration
 from peerdistill.fileio import atomic_write
 
 HERE = Path(__file__).resolve().parent
@@ -43,10 +44,6 @@ def last_json(cmd: list[str]) -> dict:
             pass
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "cmd": " ".join(cmd[1:])}
-
-
-def hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def main() -> None:
@@ -91,7 +88,7 @@ def main() -> None:
         syncs = f"{r['host_syncs_per_step']:.1f}" if r["host_syncs_per_step"] is not None else "–"
         print(f"| {r['peers']} | {'yes' if r['fused'] else 'no'} | {r['images_per_s']:.0f} | "
               f"{r['images_per_s_per_peer']:.0f} | {r['step_ms']:.1f} | {gpu} | {r['peak_rss_mb']:.0f} | {syncs} | "
-              f"{hours(r['projected_run_s'])} |")
+              f"{format_duration(r['projected_run_s'])} |")
     if records["reference"]:
         print("\n| peers | reference images/s | peerdistill images/s | bare step images/s | speed-up | of bare step |")
         print("|---|---|---|---|---|---|")

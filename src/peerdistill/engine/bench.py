@@ -172,7 +172,8 @@ def _eval_seconds(trainer: Trainer) -> float:
     return time.perf_counter() - t0
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``"12 h 06 min"``, ``"5 min"`` or ``"40 s"``."""
     m = int(round(seconds / 60))
     return f"{m // 60} h {m % 60:02d} min" if m >= 60 else (f"{m} min" if m else f"{seconds:.0f} s")
 
@@ -216,7 +217,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  GPU peak allocated            {r['gpu_peak_mb']:10.1f} MB")
     if r.get("host_syncs_per_step") is not None:
         lines.append(f"  host syncs per step           {r['host_syncs_per_step']:10.1f}")
-    lines.append(f"  projected run                 {_duration(r['projected_run_s']):>10} "
+    lines.append(f"  projected run                 {format_duration(r['projected_run_s']):>10} "
                  f"({r['epochs']} epochs x ({r['train_epoch_s']:.1f} s train + {r['eval_s']:.1f} s evaluation))")
     lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
                   f"{r['timed_step_ms']:.1f} ms/step)"]
