@@ -26,20 +26,22 @@ def test_stratified_split_is_seeded_and_per_class():
 
 def test_loader_covers_each_sample_once_per_epoch_and_reshuffles():
     data = DeviceSet(ImageSet(np.zeros((103, 4, 4, 1), np.uint8), np.arange(103) % 3), "cpu")
-    loader = DeviceLoader(data, 10, shuffle=True, drop_last=False, seed=0)
+    ordered = torch.cat([b.index for b in DeviceLoader(data, 10, shuffle=False)])
+    assert ordered.tolist() == list(range(103))  # evaluation: every sample, in order
+    loader = DeviceLoader(data, 10, shuffle=True, seed=0)
     idx0 = torch.cat([b.index for b in loader])
-    assert sorted(idx0.tolist()) == list(range(103))
+    assert len(set(idx0.tolist())) == len(idx0) == 100  # training: distinct samples, last partial batch dropped
     loader.set_epoch(1)
     idx1 = torch.cat([b.index for b in loader])
     assert not torch.equal(idx0, idx1)
     loader.set_epoch(0)
     assert torch.equal(idx0, torch.cat([b.index for b in loader]))
-    assert len(DeviceLoader(data, 10, True, True)) == 10
+    assert len(DeviceLoader(data, 10, True)) == 10
 
 
 def test_loader_shards_disjointly_across_ranks():
     data = DeviceSet(ImageSet(np.zeros((40, 2, 2, 1), np.uint8), np.arange(40) % 2), "cpu")
-    shards = [torch.cat([b.index for b in DeviceLoader(data, 5, True, True, 0, r, 2)]) for r in range(2)]
+    shards = [torch.cat([b.index for b in DeviceLoader(data, 5, True, 0, r, 2)]) for r in range(2)]
     assert len(np.intersect1d(shards[0].numpy(), shards[1].numpy())) == 0
     assert len(shards[0]) == len(shards[1]) == 20
 

@@ -72,11 +72,11 @@ def test_augment_shards_reproduce_the_global_batch():
     images = torch.randint(0, 256, (40, 8, 8, 3), generator=g, dtype=torch.uint8).numpy()
     data = DeviceSet(ImageSet(images, torch.arange(40).numpy() % 4), "cpu")
     aug = BatchAugment((0.5,) * 3, (0.25,) * 3, padding=2, flip=True, cutout=3)
-    batch = next(iter(DeviceLoader(data, 8, True, True, seed=3)))
+    batch = next(iter(DeviceLoader(data, 8, True, seed=3)))
     full = aug(batch.images, torch.Generator().manual_seed(11))
     for rank in range(2):
         aug.shard = (rank, 2)
-        local = next(iter(DeviceLoader(data, 4, True, True, seed=3, rank=rank, world_size=2)))
+        local = next(iter(DeviceLoader(data, 4, True, seed=3, rank=rank, world_size=2)))
         assert torch.equal(local.index, batch.index[rank::2])
         assert torch.equal(aug(local.images, torch.Generator().manual_seed(11)), full[rank::2])
 

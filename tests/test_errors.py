@@ -27,10 +27,10 @@ def run_cli(capsys, *args: str) -> str:
     ("epoch=3", "unknown config key 'epoch' (did you mean: epochs"),
     ("data.val_splt=0.2", "unknown config key 'data.val_splt' (did you mean: data.val_split"),
     ("method.temprature=2", "unknown parameter 'temprature' for method 'dml' (did you mean: temperature"),
-    ("epochs=three", "config key 'epochs' must be int, got 'three'"),
+    ("epochs=three", "config key 'epochs' must be int >= 1, got 'three'"),
     ("method.temperature=hot", "parameter 'temperature' of method 'dml' must be float"),
-    ("precision=fp8", "precision must be one of"),
-    ("optim.schedule=linear", "optim.schedule must be one of"),
+    ("precision=fp8", "config key 'precision' must be one of auto, fp32, bf16, fp16"),
+    ("optim.schedule=linear", "config key 'optim.schedule' must be one of cosine, multistep, constant"),
     ("peers=1", "method 'dml' needs at least 2 peers"),
 ])
 def test_bad_config_is_one_line(capsys, tmp_path, override, expected):
@@ -60,11 +60,14 @@ def test_truncated_idx_file(capsys, tmp_path):
 def test_broken_yaml_and_bad_override_syntax(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [dml\n")
-    assert "cannot read config" in run_cli(capsys, "train", "-c", str(bad))
+    err = run_cli(capsys, "train", "-c", str(bad))
+    assert "cannot parse config" in err and "at line 2, column 1" in err  # PyYAML's position is kept
     assert "must look like key=value" in run_cli(capsys, "train", "--out", str(tmp_path / "r"), "epochs")
 
 
 def test_resume_without_run(capsys, tmp_path):
+    assert "is not a run directory" in run_cli(capsys, "train", "--resume", str(tmp_path))
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
     assert "no checkpoint" in run_cli(capsys, "train", "--resume", str(tmp_path))
 
 

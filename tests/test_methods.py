@@ -14,6 +14,7 @@ import torch
 from peerdistill.config import load
 from peerdistill.data import mix as mix_mod
 from peerdistill.data.mix import MIXERS
+from peerdistill.data.views import View
 from peerdistill.engine.checkpoint import load_checkpoint, save_atomic
 from peerdistill.engine.run import train
 from peerdistill.engine.trainer import Trainer
@@ -53,11 +54,8 @@ def first_batch(tr: Trainer):
 
 def record(tr: Trainer, epoch: int = 0) -> StepRecord:
     """One forward through the engine's pieces, without the optimizer step."""
-    b = first_batch(tr)
-    views, mix = tr.method.make_views(b, lambda x: tr.augment(x, tr.gen), tr.mixer, len(tr.cohort), tr.gen)
-    outs = tr.cohort(views, tr.taps)
-    return StepRecord(b.labels, b.index, views, outs, tr.cohort.heads, tr.num_classes, mix, None, None,
-                      epoch, 0, tr.steps_per_epoch, tr.cfg.epochs)
+    tr.epoch = epoch
+    return tr.step_record(first_batch(tr))
 
 
 def no_grad(params) -> bool:
@@ -152,11 +150,12 @@ def test_kd_trains_with_frozen_teacher_on_the_mixed_views(teacher_dir):
     assert all(p.grad is not None for p in tr.cohort.parameters())
     # the teacher scored exactly the mixed image each student saw; terms match the Good-DA formula
     rec, terms = seen[-1], steps[-1]
-    assert rec.mix is not None
-    y, perm, lam = rec.labels.numpy(), rec.mix.perms[1].numpy(), float(rec.mix.weights[0, 0])
+    mix = rec.views[0].mix
+    assert mix is not None and all(v.mix is mix for v in rec.views)  # one shared draw
+    y, perm, lam = rec.labels.numpy(), mix.perms[1].numpy(), float(mix.weights[0, 0])
     for i in range(2):
         with torch.no_grad():
-            t_logits = teacher([rec.views[i]])[0].logits
+            t_logits = teacher([rec.views[i].x])[0].logits
         assert torch.allclose(rec.teacher[i].logits, t_logits)
         s, t = rec.outputs[i].logits.detach().numpy(), t_logits.numpy()
         assert float(terms[f"kd{i}"]) == pytest.approx(0.9 * np_kd(s, t, 4.0), rel=1e-4)
@@ -354,7 +353,7 @@ def test_mixed_ce_and_pixel_fractions_match_the_label_weights(name):
             assert float(other) == pytest.approx(1 - float(lam[i]), abs=1e-6)
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    rec = StepRecord(y, torch.arange(6), [], [], [], 5, mrec)
+    rec = StepRecord([View(xm, y, torch.arange(6), mrec)], [], [], 5)
     lam0 = float(lam[0])
     z = logits.numpy()
     expected = lam0 * np_ce(z, y.numpy()) + (1 - lam0) * np_ce(z, y.numpy()[perm.numpy()])

@@ -15,15 +15,19 @@ def _train(args: argparse.Namespace) -> None:
     from .engine.run import format_table, train
 
     if args.resume:
-        cfg = C.load(Path(args.resume) / "config.yaml" if (Path(args.resume) / "config.yaml").exists() else None,
-                      args.overrides)
+        if args.config:
+            raise PeerdistillError("--resume reads the run's own config.yaml; -c cannot be combined with it")
+        stored = Path(args.resume) / "config.yaml"
+        if not stored.is_file():
+            raise PeerdistillError(f"{args.resume} is not a run directory (no config.yaml)")
+        cfg = C.load(stored, args.overrides)
     else:
         cfg = C.load(args.config, args.overrides)
     summary = train(cfg, args.out, args.resume)
     final = summary["final"]["test"]
     if final:
-        print(f"\ntest set, last epoch ({summary['epochs']}); ECE in %, 15 bins; last column: at the best "
-              f"validation epoch of that head")
+        print(f"\ntest set, last epoch ({summary['epochs']}); ECE in %, 15 bins; last column: the head's test "
+              f"top-1 at its best validation epoch")
         print(format_table(final, summary["best"]))
 
 
@@ -48,15 +52,16 @@ def _fmt_params(params: dict[str, object]) -> str:
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.mix import MIXERS
-    from .methods import METHODS
+    from .methods import ADDONS, METHODS
     from .models import MODELS
 
-    for title, reg, skip in (("methods", METHODS, ()), ("models", MODELS, ("num_classes", "in_channels")),
+    for title, reg, skip in (("methods", METHODS, ()), ("add-ons", ADDONS, ()),
+                             ("models", MODELS, ("num_classes", "in_channels")),
                              ("datasets", DATASETS, ()), ("mixers", MIXERS, ())):
         print(f"{title}:")
         for name in reg:
             params = {k: v for k, v in reg.params(name).items() if k not in skip}
-            doc = (inspect.getdoc(reg.get(name)) or "").split("\n")[0]
+            doc = " ".join((inspect.getdoc(reg.get(name)) or "").split("\n\n")[0].split())
             print(f"  {name:<16} {doc}")
             if params:
                 print(f"  {'':<16}   {_fmt_params(params)}")
@@ -107,8 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may come before or after the options
+    (``train --out DIR threads=1`` and ``train threads=1 --out DIR`` mean the same)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.fn(args)
     except PeerdistillError as e:

@@ -7,15 +7,16 @@ Their arguments are validated against the constructor's signature when the run i
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from .errors import PeerdistillError, nearest
+from .params import (Decay, Fraction, Interval, NonNegative, NonNegativeInt, Positive, PositiveInt,
+                     check_value)
 
 
 @dataclass
@@ -36,32 +37,42 @@ class DataConfig:
 
     name: str = "fashion-mnist"
     root: str | None = None
-    val_split: float = 0.1
-    size: int = 512
-    test_size: int = 256
-    num_classes: int = 10
-    image_size: int = 32
-    channels: int = 3
-    padding: int | None = None
+    val_split: Fraction = 0.1
+    size: PositiveInt = 512
+    test_size: PositiveInt = 256
+    num_classes: Annotated[int, Interval(ge=2)] = 10
+    image_size: Annotated[int, Interval(ge=8)] = 32
+    channels: PositiveInt = 3
+    padding: NonNegativeInt | None = None
     flip: bool | None = None
-    cutout: int = 0
-    train_subset: int = 0  # keep only this many (stratified) training samples; 0 = all
-    eval_batch_size: int = 1000
+    cutout: NonNegativeInt = 0
+    train_subset: NonNegativeInt = 0  # keep only this many (stratified) training samples; 0 = all
+    holdout_classes: list[NonNegativeInt] = field(default_factory=list)  # classes removed from training (OOD)
+    eval_batch_size: PositiveInt = 1000
 
 
 @dataclass
 class OptimConfig:
-    """SGD and the learning-rate schedule (set per step)."""
+    """Optimizer and learning-rate schedule (set per step).
 
-    lr: float = 0.1
-    momentum: float = 0.9
+    ``name=sgd`` (momentum, Nesterov) is what every distillation paper here uses; ``adamw`` uses
+    ``betas`` and decoupled ``weight_decay``. ``grad_clip`` > 0 clips the global gradient norm of every
+    trained parameter; ``accum_steps`` > 1 accumulates gradients over that many batches per step.
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: NonNegative = 0.1
+    momentum: Decay = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    betas: list[Annotated[float, Interval(ge=0, lt=1)]] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: NonNegative = 5e-4
     no_decay_bn_bias: bool = False
-    schedule: str = "cosine"  # cosine | multistep | constant
-    milestones: list[float] = field(default_factory=list)  # epochs, for multistep
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[NonNegative] = field(default_factory=list)  # epochs, for multistep
+    gamma: Positive = 0.1
+    warmup_epochs: NonNegative = 0.0
+    grad_clip: NonNegative = 0.0
+    accum_steps: PositiveInt = 1
 
 
 @dataclass
@@ -70,21 +81,25 @@ class Config:
 
     method: Component = field(default_factory=lambda: Component("dml"))
     model: Component = field(default_factory=lambda: Component("resnet14"))
-    peers: int = 2
+    peers: PositiveInt = 2
     mixer: Component | None = None
-    epochs: int = 5
-    batch_size: int = 128
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    addon: Component | None = None  # a loss term added to any method (e.g. sd_dropout)
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 128
+    seed: NonNegativeInt = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None  # None = auto (on)
-    threads: int = 0  # CPU intra-op threads; 0 = torch's default (one per core)
+    threads: NonNegativeInt = 0  # CPU intra-op threads; 0 = torch's default (one per core)
     fused: bool = False  # run a homogeneous independent cohort as one vmapped network (Cohort._fused_forward)
     device: str = "auto"
     sync_bn: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    log_every: int = 20
+    eval_every: PositiveInt = 1  # evaluate every k epochs (and always after the last)
+    log_every: PositiveInt = 20  # steps between per-step loss records (steps.jsonl) and progress updates
+    progress_every: Positive = 30.0  # seconds between progress lines when stderr is not a terminal
     tensorboard: bool = True
+    wandb: bool = False
     progress: bool = True
     name: str | None = None
 
@@ -95,13 +110,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("method", "model", "mixer"):
+        for key in COMPONENTS:
             comp = d[key]
             d[key] = None if comp is None else {"name": comp["name"], **comp["args"]}
         return d
 
 
-COMPONENTS = ("method", "model", "mixer")
+COMPONENTS = ("method", "model", "mixer", "addon")
+OPTIONAL = ("mixer", "addon")  # components that may be none
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -118,8 +134,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise PeerdistillError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise PeerdistillError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise PeerdistillError(f"cannot parse config {path}: {yaml_error(e)}") from None
         if not isinstance(raw, dict):
             raise PeerdistillError(f"config {path} must be a mapping of keys to values")
     cfg = from_dict(raw)
@@ -133,6 +151,15 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             value = text
         set_key(cfg, key.strip(), value)
     return cfg
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line that keeps the problem and its line and column."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
@@ -155,7 +182,7 @@ def _set_component(cfg: Config, head: str, rest: str, value: Any) -> None:
             comp.args[rest] = value
         return
     if value is None or value == "none":
-        if head != "mixer":
+        if head not in OPTIONAL:
             raise PeerdistillError(f"{head} cannot be none")
         setattr(cfg, head, None)
     elif isinstance(value, str):
@@ -187,40 +214,16 @@ def _set_field(obj: Any, path: list[str], value: Any, dotted: str) -> None:
         return
     if len(path) > 1:
         raise PeerdistillError(f"config key {key!r} has no sub-key {'.'.join(path[1:])!r}")
-    hint = typing.get_type_hints(type(obj))[key]
+    hint = typing.get_type_hints(type(obj), include_extras=True)[key]
     setattr(obj, key, _coerce(value, hint, dotted))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(value, opt, key)
-            except PeerdistillError:
-                pass
-        raise PeerdistillError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, inner, key) for v in value]
-    ok = (isinstance(value, bool) if hint is bool else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float else
-          isinstance(value, int) and not isinstance(value, bool) if hint is int else
-          isinstance(value, hint))
-    if not ok:
-        raise PeerdistillError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint)).replace("NoneType", "none")
+    """Check a config value against its field's annotation (type and declared range)."""
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+    if typing.get_origin(base) is list and not isinstance(value, (list, tuple)):
+        value = [value]  # `optim.milestones=150` is a one-element list
+    return check_value(value, hint, f"config key {key!r}")
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from .errors import PeerdistillError, nearest
+from .params import check_value
 
 T = TypeVar("T")
 
@@ -43,8 +45,20 @@ class Registry(Generic[T]):
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
         """Construct ``name`` after validating ``kwargs`` against its signature."""
         ctor = self.get(name)
-        check_kwargs(ctor, kwargs, f"{self.kind} {name!r}", skip=len(args))
+        kwargs = check_kwargs(ctor, kwargs, f"{self.kind} {name!r}", skip=len(args))
         return ctor(*args, **kwargs)
+
+    def check(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Validate ``kwargs`` for ``name`` without building it (``skip``: parameters the engine supplies)."""
+        ctor = self.get(name)
+        for key in skip:
+            if key in kwargs:
+                raise PeerdistillError(f"parameter {key!r} of {self.kind} {name!r} is set by the engine, not the config")
+        return check_kwargs(ctor, kwargs, f"{self.kind} {name!r}")
+
+    def hints(self, name: str) -> dict[str, Any]:
+        """Annotated types (with constraints) of ``name``'s parameters."""
+        return param_hints(self.get(name))
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
@@ -63,32 +77,38 @@ def _user_params(ctor: Callable[..., Any]) -> list[inspect.Parameter]:
             if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def check_kwargs(ctor: Callable[..., Any], kwargs: dict[str, Any], what: str, skip: int = 0) -> None:
-    """Raise a one-line :class:`PeerdistillError` for an unknown key or a wrongly typed value.
+def param_hints(ctor: Callable[..., Any]) -> dict[str, Any]:
+    """Resolved annotations (with their constraints) of a constructor's parameters.
 
-    Values are checked against the parameter's default type (bool, int, float, str, tuple/list),
-    which is how every hyper-parameter in this library is declared. ``int`` is accepted for float.
+    Unannotated parameters get the type of their default, which is how older components declare them.
+    """
+    fn = ctor.__init__ if inspect.isclass(ctor) else ctor
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except (NameError, TypeError):  # an annotation that does not resolve: fall back to the defaults
+        hints = {}
+    out: dict[str, Any] = {}
+    for p in _user_params(ctor):
+        if p.name in hints:
+            out[p.name] = hints[p.name]
+        elif p.default is not inspect.Parameter.empty and p.default is not None:
+            out[p.name] = type(p.default) if not isinstance(p.default, tuple) else list
+    return out
+
+
+def check_kwargs(ctor: Callable[..., Any], kwargs: dict[str, Any], what: str, skip: int = 0) -> dict[str, Any]:
+    """Validate ``kwargs`` against the constructor's signature; return them with ints widened to floats.
+
+    An unknown key, a wrongly typed value or a value outside the declared range (:mod:`peerdistill.params`)
+    is a one-line :class:`PeerdistillError` naming the parameter and, for a typo, the nearest valid names.
     """
     params = {p.name: p for p in _user_params(ctor)[skip:]}
+    hints = param_hints(ctor)
+    out = dict(kwargs)
     for key, value in kwargs.items():
         if key not in params:
             raise PeerdistillError(f"unknown parameter {key!r} for {what}{nearest(key, params)}; "
                                    f"valid: {', '.join(params) or 'none'}")
-        default = params[key].default
-        if default is inspect.Parameter.empty or default is None or value is None:
-            continue
-        if not _type_ok(value, default):
-            raise PeerdistillError(f"parameter {key!r} of {what} must be {type(default).__name__}, "
-                                   f"got {value!r}")
-
-
-def _type_ok(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list))
-    return isinstance(value, type(default))
+        if key in hints:
+            out[key] = check_value(value, hints[key], f"parameter {key!r} of {what}")
+    return out

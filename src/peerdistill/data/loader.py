@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..errors import PeerdistillError
 from .base import DatasetSplits, ImageSet
+from .samplers import Sampler
 
 
 @dataclass
@@ -39,51 +40,48 @@ class DeviceSet:
 
 
 class DeviceLoader:
-    """Yields shuffled (or ordered) batches of a :class:`DeviceSet`.
+    """Yields batches of a :class:`DeviceSet`.
 
     Args:
         data: the device-resident set.
-        batch_size: per-process batch size.
-        shuffle: draw a new permutation each epoch (seeded from ``seed`` and the epoch).
-        drop_last: drop the last incomplete batch (training) or keep it (evaluation).
-        seed: base seed of the permutation.
-        rank, world_size: shard each epoch's permutation across processes (DDP); every rank gets
-            the same number of batches.
+        batch_size: per-process batch size (samples; a pair sampler yields two rows per sample).
+        shuffle: training order from ``sampler`` (seeded from ``seed`` and the epoch; the last
+            incomplete batch is dropped), else every sample in order (evaluation).
+        seed: base seed of the order.
+        rank, world_size: shard each epoch across processes (DDP): rank r takes the columns ``r::world``
+            of every global batch, so every rank gets the same number of batches.
+        sampler: batch composition (:mod:`peerdistill.data.samplers`); random by default.
     """
 
-    def __init__(self, data: DeviceSet, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+    def __init__(self, data: DeviceSet, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, sampler: Sampler | None = None) -> None:
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.sampler = sampler or Sampler()
         self.epoch = 0
-        per_rank = len(data) // world_size if drop_last else -(-len(data) // world_size)
-        if drop_last and per_rank < batch_size:
-            raise PeerdistillError(f"batch_size {batch_size} is larger than the {per_rank} training "
-                                   f"samples per process")
+        if shuffle:
+            self._labels = data.labels.cpu().numpy()
+            self.sampler.check(self._labels, batch_size * world_size, world_size)
+        self._n_batches = (len(self.sampler.epoch(self._labels, batch_size * world_size, world_size, seed, 0))
+                           if shuffle else -(-len(data) // batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> Tensor:
-        n = len(self.data)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:
-            usable = n - n % self.world_size if self.drop_last else n
-            order = order[:usable][self.rank::self.world_size]
-        return order.to(self.data.labels.device)
-
     def __len__(self) -> int:
-        n = len(self.data) // self.world_size if self.drop_last else -(-len(self.data) // self.world_size)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._n_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self._order()
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        if not self.shuffle:
+            for b in range(len(self)):
+                idx = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(self.data)),
+                                   device=self.data.labels.device)
+                yield Batch(self.data.images[idx], self.data.labels[idx], idx)
+            return
+        order = self.sampler.epoch(self._labels, self.batch_size * self.world_size, self.world_size,
+                                   self.seed, self.epoch)[:, self.rank::self.world_size]
+        order = order.to(self.data.labels.device)
+        for idx in order:
             yield Batch(self.data.images[idx], self.data.labels[idx], idx)
 
 

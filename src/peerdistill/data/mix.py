@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..params import Positive, Probability
 from ..registry import Registry
 from .host import host_values, to_device
 
@@ -22,7 +23,8 @@ class MixRecord:
     """How a batch was mixed.
 
     Attributes:
-        perms: (K, B) source index of each component; ``perms[0]`` is the identity.
+        perms: (K, B) source index of each component (``perms[0]`` is the identity for mixers that
+            keep each sample as its own first component).
         weights: (K, B) label weight of each component (sums to 1 over K).
         pixel_weights: (K, B, 1, H, W) or (K, B, 1, 1, 1) pixel weight of each component.
     """
@@ -52,15 +54,24 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 class Mixer:
-    """Base class: ``mixer(x, gen) -> (mixed x, MixRecord)`` or ``(x, None)`` when it skips a batch."""
+    """Base class: ``mixer(x, gen) -> (mixed x, MixRecord)`` or ``(x, None)`` when it skips a batch.
+
+    :meth:`draw` makes the record alone, so one draw can mix several views of the same samples alike
+    (``record.mix_images(view)``). ``ctx`` (a :class:`~peerdistill.data.views.ViewContext`) gives mixers
+    that score candidates (CutMixPick) no-grad access to the teacher and the peers; others ignore it.
+    """
 
     prob: float = 1.0
 
-    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, MixRecord | None]:
+    def draw(self, x: Tensor, gen: torch.Generator | None = None, ctx: object = None) -> MixRecord | None:
         if self.prob < 1.0 and host_values(torch.rand((), generator=gen)) >= self.prob:
-            return x, None
-        rec = self.record(x.shape, x.device, gen)
-        return rec.mix_images(x), rec
+            return None
+        return self.record(x.shape, x.device, gen)
+
+    def __call__(self, x: Tensor, gen: torch.Generator | None = None,
+                 ctx: object = None) -> tuple[Tensor, MixRecord | None]:
+        rec = self.draw(x, gen, ctx)
+        return (x, None) if rec is None else (rec.mix_images(x), rec)
 
     def record(self, shape: torch.Size, device: torch.device, gen: torch.Generator | None) -> MixRecord:
         raise NotImplementedError
@@ -101,7 +112,7 @@ class MixUp(Mixer):
         derangement: never pair a sample with itself.
     """
 
-    def __init__(self, alpha: float = 1.0, prob: float = 1.0, derangement: bool = False) -> None:
+    def __init__(self, alpha: Positive = 1.0, prob: Probability = 1.0, derangement: bool = False) -> None:
         self.alpha, self.prob, self.derangement = alpha, prob, derangement
 
     def record(self, shape: torch.Size, device: torch.device, gen: torch.Generator | None) -> MixRecord:
@@ -129,7 +140,7 @@ class CutMix(Mixer):
         derangement: never pair a sample with itself (Good-DA's CutMix does this).
     """
 
-    def __init__(self, alpha: float = 1.0, prob: float = 0.5, derangement: bool = False) -> None:
+    def __init__(self, alpha: Positive = 1.0, prob: Probability = 0.5, derangement: bool = False) -> None:
         self.alpha, self.prob, self.derangement = alpha, prob, derangement
 
     def record(self, shape: torch.Size, device: torch.device, gen: torch.Generator | None) -> MixRecord:

@@ -1,35 +1,63 @@
 """Turn a :class:`Config` into the objects a run needs: data, cohort, method, teacher."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import Config, from_dict
-from ..data import DATASETS, DatasetSplits
+from ..data import DATASETS, DatasetSplits, ImageSet
 from ..data.augment import BatchAugment
 from ..data.loader import DataBundle, stratified_split, to_device
 from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError
-from ..methods import METHODS, Method
+from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method
+from ..models import MODELS
 from ..models.cohort import Cohort, build_cohort
 from .checkpoint import load_checkpoint
 
 
 def load_splits(cfg: Config) -> DatasetSplits:
-    """Read the configured dataset (and optionally keep a stratified training subset)."""
+    """Read the configured dataset, remove held-out classes and keep an optional stratified subset."""
     d = cfg.data
     kwargs: dict[str, object] = {"root": d.root}
     if d.name == "synthetic":
         kwargs.update(size=d.size, test_size=d.test_size, num_classes=d.num_classes, image_size=d.image_size,
                       channels=d.channels)
     splits = DATASETS.build(d.name, **kwargs).check(d.name)
+    if d.holdout_classes:
+        splits = hold_out(splits, d.holdout_classes, d.name)
     if d.train_subset and d.train_subset < len(splits.train):
         frac = 1.0 - d.train_subset / len(splits.train)
         keep, _ = stratified_split(splits.train.labels, frac, cfg.seed + 1)
         splits.train = splits.train.subset(keep)
     return splits
+
+
+def hold_out(splits: DatasetSplits, classes: list[int], name: str) -> DatasetSplits:
+    """Remove ``classes`` from training and test (the kept classes are renumbered 0..K'-1 in order) and
+    keep their test images as ``splits.meta["holdout"]``: an out-of-distribution set the model never saw."""
+    k = splits.num_classes
+    bad = sorted(c for c in set(classes) if c >= k)
+    if bad:
+        raise PeerdistillError(f"data.holdout_classes {bad} out of range: dataset {name!r} has classes 0..{k - 1}")
+    if len(set(classes)) > k - 2:
+        raise PeerdistillError(f"data.holdout_classes leaves fewer than 2 of the {k} classes to train on")
+    kept = [c for c in range(k) if c not in set(classes)]
+    remap = np.full(k, -1, np.int64)
+    remap[kept] = np.arange(len(kept))
+
+    def keep(s: ImageSet) -> ImageSet:
+        idx = np.flatnonzero(remap[s.labels] >= 0)
+        return ImageSet(s.images[idx], remap[s.labels[idx]])
+
+    held = np.flatnonzero(remap[splits.test.labels] < 0)
+    meta = {**splits.meta, "holdout": ImageSet(splits.test.images[held], splits.test.labels[held]),
+            "holdout_classes": sorted(set(classes))}
+    return dataclasses.replace(splits, train=keep(splits.train), test=keep(splits.test),
+                               classes=[splits.classes[c] for c in kept], meta=meta)
 
 
 def make_augment(cfg: Config, splits: DatasetSplits, channels_last: bool) -> BatchAugment:
@@ -48,24 +76,51 @@ class Built:
     data: DataBundle
     method: Method
     cohort: Cohort
+    addons: list[AddOn]
     num_classes: int
     in_channels: int
 
 
-def build_run(cfg: Config, device: torch.device) -> Built:
-    """Build data, method and cohort, and check that they fit together."""
-    splits = load_splits(cfg)
-    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
+    """Check every component's parameters and the method's needs against the config, before any data
+    is read or any file written; returns the method and add-ons it built (cheap: no networks)."""
+    DATASETS.get(cfg.data.name)
+    for name in cfg.model_names or [""]:
+        MODELS.check(name, cfg.model.args, skip=("num_classes", "in_channels"))
+    if cfg.mixer is not None:
+        make_mixer(cfg)
+    if len(cfg.optim.betas) != 2:
+        raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)
     needs = method.needs
     n = needs.peers or cfg.peers
     if n < needs.min_peers:
         raise PeerdistillError(f"method {cfg.method.name!r} needs at least {needs.min_peers} peers, got {n}")
+    if len(cfg.model_names) not in (1, n):
+        raise PeerdistillError(f"{len(cfg.model_names)} model names given for {n} peers; give one or {n}")
+    if cfg.mixer is not None and not needs.mixing:
+        raise PeerdistillError(f"method {cfg.method.name!r} does not support mixers (mixer={cfg.mixer.name}); "
+                               f"remove the mixer")
+    addons = [ADDONS.build(cfg.addon.name, **cfg.addon.args)] if cfg.addon is not None else []
+    return method, addons
+
+
+def build_run(cfg: Config, device: torch.device) -> Built:
+    """Build data, method and cohort, and check that they fit together."""
+    method, addons = validate_config(cfg)
+    splits = load_splits(cfg)
+    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+    needs = method.needs
+    n = needs.peers or cfg.peers
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
-    method.setup(cohort, num_classes)
-    return Built(data, method, cohort, num_classes, in_channels)
+    info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
+                    tuple(splits.train.images.shape[1:3]))
+    method.setup(cohort, info)
+    for addon in addons:
+        addon.setup(method, cohort, info)
+    return Built(data, method, cohort, addons, num_classes, in_channels)
 
 
 def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,

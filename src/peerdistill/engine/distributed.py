@@ -36,6 +36,14 @@ class DistInfo:
         if self.world_size > 1:
             tdist.barrier()
 
+    def broadcast(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (after work each rank did on its own shard)."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                tdist.broadcast(t.data, src=0)
+
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Average scalar tensors over the processes (one all-reduce; identity in one process)."""
         if self.world_size == 1 or not values:

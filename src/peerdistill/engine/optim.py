@@ -1,4 +1,4 @@
-"""SGD with optional no-decay groups, and learning-rate schedules computed from the global step."""
+"""SGD or AdamW with per-group weight decay, and learning-rate schedules computed from the global step."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,22 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
-from ..errors import PeerdistillError
-
-SCHEDULES = ("cosine", "multistep", "constant")
+from ..methods.base import ParamGroup
 
 
-def param_groups(modules: list[nn.Module], cfg: OptimConfig) -> list[dict[str, object]]:
-    """One group, or two when BN parameters and biases are excluded from weight decay."""
+def param_groups(modules: list[nn.Module], cfg: OptimConfig,
+                 special: list[ParamGroup] = ()) -> list[dict[str, object]]:
+    """Optimizer groups: the method's own groups (their weight decay), then the rest in one group, or two
+    when BN parameters and biases are excluded from weight decay. Parameters a method keeps out of the
+    optimizer (``optimized=False``) and frozen ones are left out."""
     seen: set[int] = set()
+    groups: list[dict[str, object]] = []
+    for g in special:
+        params = [p for p in g.params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in g.params)
+        if g.optimized and params:
+            wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
+            groups.append({"params": params, "weight_decay": wd})
     decay, no_decay = [], []
     for module in modules:
         for p in module.parameters():
@@ -22,17 +30,19 @@ def param_groups(modules: list[nn.Module], cfg: OptimConfig) -> list[dict[str, o
                 continue
             seen.add(id(p))
             (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups: list[dict[str, object]] = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    groups.insert(0, {"params": decay, "weight_decay": cfg.weight_decay})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def build_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.SGD:
-    if cfg.schedule not in SCHEDULES:
-        raise PeerdistillError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    return torch.optim.SGD(param_groups(modules, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+def build_optimizer(modules: list[nn.Module], cfg: OptimConfig,
+                    special: list[ParamGroup] = ()) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW over the modules' trainable parameters."""
+    groups = param_groups(modules, cfg, special)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> float:

@@ -1,6 +1,7 @@
 """Train / resume / evaluate a run directory: the functions behind the CLI and the Python API."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,29 +14,47 @@ from .. import config as C
 from ..errors import PeerdistillError
 from ..report.logger import RunLogger, write_json
 from ..report.plots import plot_history, plot_reliability
+from .bench import format_duration
+from .build import validate_config
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .distributed import teardown
 from .trainer import Trainer
 
 
 class ProgressBar:
-    """A tqdm bar per epoch with the live loss and speed (on a terminal only)."""
+    """A tqdm bar per epoch with the live loss and speed on a terminal; elsewhere (a batch job, ``nohup``,
+    a CI log) one progress line every ``progress_every`` seconds."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.t0 = time.perf_counter()
+        self.t0 = self.last = time.perf_counter()
         self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.cfg.epochs}",
                         leave=False, dynamic_ncols=True, disable=None)
 
     def on_step(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         self.bar.update(1)
-        if (i + 1) % self.trainer.cfg.log_every == 0 and not self.bar.disable:
-            speed = (i + 1) * self.trainer.cfg.batch_size / (time.perf_counter() - self.t0)
-            loss = float(torch.stack([v.float() for v in terms.values()]).sum())
+        cfg, now = self.trainer.cfg, time.perf_counter()
+        if self.bar.disable and now - self.last < cfg.progress_every:
+            return
+        if not self.bar.disable and (i + 1) % cfg.log_every:
+            return
+        speed = (i + 1) * cfg.batch_size / (now - self.t0)
+        loss = float(torch.stack([v.float() for v in terms.values()]).sum())
+        if not self.bar.disable:
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{speed:.0f}")
+            return
+        self.last = now
+        steps = self.trainer.steps_per_epoch
+        left = (steps - i - 1) * cfg.batch_size / max(speed, 1e-9)
+        print(f"epoch {self.trainer.epoch + 1}/{cfg.epochs}  step {i + 1}/{steps}  loss {loss:.4f}  "
+              f"{speed:.0f} img/s  epoch ends in {format_duration(left)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
+
+
+# Keys a resumed run may change: they cannot change its results.
+RESUMABLE = ("threads", "progress", "progress_every", "tensorboard", "wandb", "log_every", "device", "name")
 
 
 def default_out_dir(cfg: C.Config) -> Path:
@@ -44,26 +63,65 @@ def default_out_dir(cfg: C.Config) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
+def check_resume(cfg: C.Config, out: Path) -> None:
+    """A resumed run continues exactly as configured: refuse any change that could alter its results."""
+    stored_path = out / "config.yaml"
+    if not stored_path.is_file():
+        raise PeerdistillError(f"{out} has no config.yaml: it is not a run directory")
+    stored = C.load(stored_path).to_dict()
+    new = cfg.to_dict()
+    for key in sorted(set(_flat(stored)) | set(_flat(new))):
+        if key.split(".")[0] in RESUMABLE:
+            continue
+        a, b = _flat(stored).get(key), _flat(new).get(key)
+        if a != b:
+            raise PeerdistillError(f"--resume continues {out} exactly as it was configured, but {key} would change "
+                                   f"({a!r} -> {b!r}); only {', '.join(RESUMABLE)} may be given on resume "
+                                   f"(to train longer or differently, start a new run)")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
           echo: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run; returns its summary (also written to ``summary.json``)."""
+    """Train (or resume) a run; returns its summary (also written to ``summary.json``).
+
+    Everything is validated and built before the run directory is touched. Resuming a finished run
+    trains nothing and rewrites nothing: it returns the stored summary.
+    """
     if resume is not None:
         out = Path(resume)
-        resolve_checkpoint(out)  # a clear error before any work if there is nothing to resume
+        if out_dir is not None and Path(out_dir).resolve() != out.resolve():
+            raise PeerdistillError("--resume continues a run in its own directory; --out cannot move it elsewhere")
+        check_resume(cfg, out)
+        ckpt = resolve_checkpoint(out)  # a clear error before any work if there is nothing to resume
+        done = _finished_summary(out)
+        if done is not None:
+            if echo:
+                print(f"{out} has already finished ({done['epochs']} epochs); nothing to train", file=sys.stderr)
+            return done
     else:
         out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         if (out / "checkpoints" / "last.pt").exists():
             raise PeerdistillError(f"{out} already holds a run; use --resume {out} or another --out")
+        validate_config(cfg)
     trainer = Trainer(cfg, out)
     main = trainer.dist.is_main
-    on_epoch = (lambda rec: _echo_epoch(rec, cfg.epochs)) if echo else None
-    logger = RunLogger(out, cfg.tensorboard, on_epoch) if main else None
-    trainer.logger = logger
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, out / "config.yaml")
+        prepare_run_dir(out, cfg, write_config=resume is None)
+    on_epoch = (lambda rec: _echo_epoch(rec, cfg.epochs, len(trainer.cohort))) if echo else None
+    logger = RunLogger(out, cfg.tensorboard, on_epoch, wandb=cfg.wandb, config=cfg.to_dict()) if main else None
+    trainer.logger = logger
     if resume is not None:
-        trainer.load(resolve_checkpoint(out))
+        trainer.load(ckpt)
         if logger is not None:
             logger.truncate_after(trainer.epoch)
         if echo and main:
@@ -76,17 +134,51 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     try:
         summary = trainer.fit(ProgressBar if cfg.progress and main else None)
         if main:
+            if not summary["final"]["test"]:  # killed after the last checkpoint, before the summary
+                summary["final"] = _last_logged(logger)
             finish(trainer, out, summary, logger)
         trainer.dist.barrier()  # under torchrun, every rank ends once rank 0 has written the summary
     finally:
+        if logger is not None:
+            logger.close()
         teardown()
     return summary
 
 
-def _echo_epoch(rec: dict[str, Any], epochs: int) -> None:
-    heads = ", ".join(f"{h} {m['top1']:.2f}" for h, m in rec["test"].items() if "top1" in m and h != "peers_mean")
-    print(f"epoch {rec['epoch']}/{epochs}  loss {rec['loss']['loss']:.4f}  {rec['seconds']:.1f}s "
-          f"({rec['images_per_s']:.0f} img/s)  test top-1: {heads}", file=sys.stderr, flush=True)
+def _finished_summary(out: Path) -> dict[str, Any] | None:
+    """The stored summary of a run that finished, else ``None``."""
+    path = out / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("final", {}).get("test") else None
+
+
+def _last_logged(logger: RunLogger | None) -> dict[str, Any]:
+    evaluated = [r for r in (logger.history() if logger is not None else []) if "test" in r]
+    return {"val": evaluated[-1].get("val", {}), "test": evaluated[-1]["test"]} if evaluated else {"val": {}, "test": {}}
+
+
+def prepare_run_dir(out: Path, cfg: C.Config, write_config: bool) -> None:
+    """Create the run directory and prove it is writable before any training (one line if it is not)."""
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out / "checkpoints" / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+        if write_config:
+            C.save(cfg, out / "config.yaml")
+    except OSError as e:
+        raise PeerdistillError(f"cannot write to run directory {out}: {(e.strerror or str(e)).lower()}") from None
+
+
+def _echo_epoch(rec: dict[str, Any], epochs: int, peers: int) -> None:
+    heads = ", ".join(f"{h} {m['top1']:.2f}" for h, m in rec.get("test", {}).items()
+                      if "top1" in m and h != "peers_mean")
+    loss = f"train loss {rec['loss']['loss']:.4f} (sum of all terms{f', {peers} peers' if peers > 1 else ''})"
+    print(f"epoch {rec['epoch']}/{epochs}  {loss}  {rec['seconds']:.1f}s ({rec['images_per_s']:.0f} img/s)"
+          + (f"  test top-1: {heads}" if heads else ""), file=sys.stderr, flush=True)
 
 
 def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogger | None) -> None:
@@ -94,8 +186,7 @@ def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogg
     write_json(out / "summary.json", summary)
     rel = trainer.evaluate(trainer.data.test, with_reliability=True)["_reliability"]
     if logger is not None:
-        plot_history(logger.history(), out)
-        logger.close()
+        plot_history(logger.history(), out, logger.step_history())
     plot_reliability(rel, out)
 
 
@@ -114,7 +205,8 @@ def evaluate(path: str | Path, which: str = "last.pt") -> dict[str, Any]:
 
 def format_table(summary_test: dict[str, Any], best: dict[str, Any] | None = None) -> str:
     """A small text table: per head, test top-1 / ECE at the last epoch (and at best validation)."""
-    rows = [f"{'head':<12}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>7}" + ("   best-val top-1 (epoch)" if best else "")]
+    rows = [f"{'head':<12}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>7}"
+            + ("   test top-1 at best val (epoch)" if best else "")]
     for head, m in summary_test.items():
         if "ece" not in m:
             continue

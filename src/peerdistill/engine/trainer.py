@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data.loader import Batch, DeviceLoader, DeviceSet
+from ..data.views import View, ViewContext, Views
 from ..errors import PeerdistillError
-from ..methods.base import Method, PeerOutput, StepRecord
+from ..methods.base import AddOn, Method, PeerOutput, PreTrainContext, StepRecord
 from ..metrics import HeadMetrics
 from ..models.cohort import Cohort
 from . import distributed as dist
 from .build import build_run, data_meta, load_teacher, make_augment, make_mixer, seed_everything
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import load_checkpoint, save_atomic, write_failure
 from .ema import EMA
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import resolve_device, resolve_precision
@@ -31,19 +32,34 @@ from .timer import PhaseTimer
 
 
 class StepModule(nn.Module):
-    """Cohort + method as one module: what DDP wraps, so every trainable parameter is synchronised."""
+    """Cohort + method (+ add-ons) as one module: what DDP wraps, so every trainable parameter is
+    synchronised and every forward with gradient happens inside one DDP forward call."""
 
-    def __init__(self, cohort: Cohort, method: Method, timer: PhaseTimer) -> None:
+    def __init__(self, cohort: Cohort, method: Method, addons: list[AddOn], timer: PhaseTimer) -> None:
         super().__init__()
         self.cohort, self.method, self.timer = cohort, method, timer
+        self.addons = nn.ModuleList(addons)
 
-    def forward(self, views: list[Tensor], taps: tuple[str, ...],
-                record: Callable[[list[PeerOutput]], StepRecord]) -> tuple[dict[str, Tensor], StepRecord]:
+    def forward(self, views: Views, taps: tuple[str, ...],
+                record: Callable[[list[PeerOutput], dict[str, list[PeerOutput | None]]], StepRecord],
+                ) -> tuple[dict[str, Tensor], StepRecord]:
         with self.timer("forward"):
-            outputs = self.cohort(views, taps)
-        rec = record(outputs)
+            rec = record(*self.outputs(views, taps))
         with self.timer("losses"):
-            return self.method.losses(rec), rec
+            terms = self.method.losses(rec)
+            for addon in self.addons:
+                terms.update(addon.losses(rec, self.method))
+            return terms, rec
+
+
+    def outputs(self, views: Views, taps: tuple[str, ...]) -> tuple[list[PeerOutput], dict[str, list[PeerOutput | None]]]:
+        """Every peer on its view (with gradient) and on each extra input (with gradient if it asks)."""
+        outputs = self.cohort([v.x for v in views.peers], taps)
+        extra = {}
+        for name, ex in views.extra.items():
+            with torch.set_grad_enabled(ex.grad and torch.is_grad_enabled()):
+                extra[name] = self.cohort([v.x if v is not None else None for v in ex.views], taps)
+        return outputs, extra
 
 
 class NonFiniteLoss(PeerdistillError):
@@ -56,7 +72,7 @@ class Trainer:
     Args:
         cfg: the run config.
         out_dir: run directory (checkpoints, logs); ``None`` for throw-away runs (benchmarks).
-        logger: receives epoch records (see :mod:`peerdistill.report.logger`); optional.
+        logger: receives epoch and step records (see :mod:`peerdistill.report.logger`); optional.
     """
 
     def __init__(self, cfg: Config, out_dir: Path | None = None, logger: Any = None) -> None:
@@ -77,10 +93,11 @@ class Trainer:
         self.taps = needs.taps
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.timer = PhaseTimer(False, self.device)
-        self.module = StepModule(self.cohort, self.method, self.timer).to(self.device, memory_format=fmt)
+        self.module = StepModule(self.cohort, self.method, built.addons, self.timer).to(self.device, memory_format=fmt)
         if cfg.sync_bn and self.dist.world_size > 1:
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
             self.cohort, self.method = self.module.cohort, self.module.method
+        self.addons = list(self.module.addons)
         self.ema = None
         if needs.ema_decay is not None:
             buffers = "own" if needs.ema_train_mode else "copy"
@@ -90,7 +107,9 @@ class Trainer:
             self.teacher = load_teacher(needs.teacher, needs.teacher_peer, self.num_classes,
                                         built.in_channels, needs.teacher_model).to(self.device, memory_format=fmt)
         self.step_fn = self.dist.wrap(self.module)
-        self.optimizer = build_optimizer([self.module], cfg.optim)
+        special = [*self.method.param_groups(), *(g for a in self.addons for g in a.param_groups())]
+        self.optimizer = build_optimizer([self.module], cfg.optim, special)
+        self.trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.augment = make_augment(cfg, self.data.splits, self.channels_last)
         self.augment.shard = (self.dist.rank, self.dist.world_size)  # global-batch draws, this rank's rows
@@ -98,58 +117,120 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         if cfg.batch_size % world:
             raise PeerdistillError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-        self.train_loader = DeviceLoader(self.data.train, cfg.batch_size // world, True, True, cfg.seed, rank, world)
+        self.train_loader = DeviceLoader(self.data.train, cfg.batch_size // world, True, cfg.seed, rank, world,
+                                         needs.sampler)
         self.steps_per_epoch = len(self.train_loader)
         self.epoch, self.step = 0, 0
+        self.prepared = False  # before_training has run (its result lives in cohort / EMA / method state)
+        self.saved_epoch: int | None = None
         self.best: dict[str, Any] = {}
         self.gen = torch.Generator(device="cpu")
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: Batch) -> dict[str, Tensor]:
-        """One optimisation step; returns the detached loss terms."""
-        cfg, timer = self.cfg, self.timer
-        n = len(self.cohort)
-        with timer("data"):
-            views, mix = self.method.make_views(batch, lambda x: self.augment(x, self.gen), self.mixer, n, self.gen)
-        lr = lr_at(cfg.optim, self.step, self.steps_per_epoch, cfg.epochs)
-        set_lr(self.optimizer, lr)
+    def view_context(self, gen: torch.Generator) -> ViewContext:
+        """What ``make_views`` may use: augmentation, mixer, and no-grad teacher / peer logits for scoring."""
+        return ViewContext(lambda x: self.augment(x, gen), self.augment.normalize, self.mixer, gen,
+                           len(self.cohort), self._teacher_logits if self.teacher is not None else None,
+                           self._peer_logits)
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: Tensor) -> Tensor:
         with self.precision.autocast():
-            with timer("forward"):  # the frozen copies; the cohort and the loss terms are timed in StepModule
-                ema_out = self._ema_forward(views) if self.ema is not None else None
-                teacher_out = self._teacher_forward(views) if self.teacher is not None else None
+            return self.teacher([x])[0].logits
 
-            def record(outputs: list[PeerOutput]) -> StepRecord:
-                return StepRecord(batch.labels, batch.index, views, outputs, self.cohort.heads, self.num_classes,
-                                  mix, ema_out, teacher_out, self.epoch, self.step, self.steps_per_epoch, cfg.epochs)
+    @torch.no_grad()
+    def _peer_logits(self, i: int, x: Tensor) -> Tensor:
+        with self.precision.autocast():
+            views: list[Tensor | None] = [None] * len(self.cohort)
+            views[i] = x
+            return self.cohort(views, ())[i].logits
 
-            terms, rec = self.step_fn(views, self.taps, record)
+    def train_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One training batch (one optimizer step, or one micro-step of ``optim.accum_steps``); returns
+        the detached loss terms."""
+        cfg, timer = self.cfg, self.timer
+        accum, k = cfg.optim.accum_steps, self.step % self.steps_per_epoch  # k: batch within the epoch
+        first, last = k % accum == 0, (k + 1) % accum == 0 or k + 1 == self.steps_per_epoch
+        if first:
+            set_lr(self.optimizer, lr_at(cfg.optim, self.step, self.steps_per_epoch, cfg.epochs))
+        terms, rec = self._forward(batch, self.step_fn)
         with timer("backward"):
             total = torch.stack([t.float() for t in terms.values()]).sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-        with timer("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if first:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total / accum if accum > 1 else total).backward()
+        if last:
+            with timer("optimizer"):
+                if cfg.optim.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.trained, cfg.optim.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         with timer("update"):
-            if self.ema is not None:
+            if self.ema is not None and last:
                 self.ema.update(self.cohort)
             self.method.update(rec)
         self.step += 1
         return {k: v.detach() for k, v in terms.items()}
 
-    def _ema_forward(self, views: list[Tensor]) -> list[PeerOutput]:
+    def _forward(self, batch: Batch, step_fn: Callable[..., Any]) -> tuple[dict[str, Tensor], StepRecord]:
+        """Views, frozen copies' outputs, the cohort's outputs and the loss terms of one batch."""
+        cfg, timer = self.cfg, self.timer
+        with timer("data"):
+            views = self.method.make_views(batch, self.view_context(self.gen))
+        with self.precision.autocast():
+            with timer("forward"):  # the frozen copies; the cohort and the loss terms are timed in StepModule
+                ema_out = self._ema_forward(views.peers) if self.ema is not None else None
+                teacher = self._teacher_forward(views) if self.teacher is not None else None
+
+            def record(outputs: list[PeerOutput], extra: dict[str, list[PeerOutput | None]]) -> StepRecord:
+                t_peers, t_extra = teacher if teacher is not None else (None, {})
+                return StepRecord(views.peers, outputs, self.cohort.heads, self.num_classes, extra, ema_out,
+                                  t_peers, t_extra, self.epoch, self.step, self.steps_per_epoch, cfg.epochs)
+
+            return step_fn(views, self.taps, record)
+
+    def step_record(self, batch: Batch) -> StepRecord:
+        """The record ``Method.losses`` would get for ``batch`` now (outputs with gradient), without
+        computing losses or changing any state but the generator and BN statistics: for tests and tools."""
+        return self._forward(batch, lambda views, taps, record: ({}, record(*self.module.outputs(views, taps))))[1]
+
+    def _ema_forward(self, views: list[View]) -> list[PeerOutput]:
         with torch.no_grad():
             self.ema.module.train(self.method.needs.ema_train_mode)
-            return self.ema.module(views, self.taps)
+            return self.ema.module([v.x for v in views], self.taps)
 
-    def _teacher_forward(self, views: list[Tensor]) -> list[PeerOutput]:
-        """The frozen teacher's outputs for each peer's view, computed once per distinct view."""
-        done: dict[int, PeerOutput] = {}
+    def _teacher_forward(self, views: Views) -> tuple[list[PeerOutput], dict[str, list[PeerOutput | None]]]:
+        """The frozen teacher's outputs on every peer view and extra input, once per distinct tensor."""
         with torch.no_grad():
-            for v in views:
-                if id(v) not in done:
-                    done[id(v)] = self.teacher([v])[0]
-        return [done[id(v)] for v in views]
+            done = {id(x): self.teacher([x])[0] for x in views.tensors()}
+        extra = {name: [done[id(v.x)] if v is not None else None for v in ex.views] for name, ex in views.extra.items()}
+        return [done[id(v.x)] for v in views.peers], extra
+
+    def before_training(self) -> None:
+        """Run the method's before-training hook once per run (a resumed run has already done it)."""
+        if self.prepared:
+            return
+        seed = self.cfg.seed * 1_000_003 + 104_729  # a stream of its own: the epochs' draws are unchanged
+        loader = DeviceLoader(self.data.train, self.train_loader.batch_size, True, seed, self.dist.rank,
+                              self.dist.world_size, self.method.needs.sampler)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def batches() -> Iterator[Views]:
+            gen.manual_seed(seed)
+            for batch in loader:
+                yield self.method.make_views(batch, self.view_context(gen))
+
+        def optimizer(params: Any, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=self.cfg.optim.weight_decay)
+
+        ema = self.ema.module if self.ema is not None else None
+        self.method.before_training(PreTrainContext(self.cohort, ema, batches, optimizer, self.cfg.optim.lr,
+                                                    self.precision.autocast, self.taps))
+        self.dist.broadcast(self.module)  # every rank starts from rank 0's result
+        if ema is not None:
+            self.dist.broadcast(ema)
+        self.prepared = True
 
     def train_epoch(self, on_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
         """Train one epoch; returns mean loss terms and timing."""
@@ -166,6 +247,10 @@ class Trainer:
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
             if (i + 1) % check_every == 0 or i + 1 == self.steps_per_epoch:
                 self._check_finite(sums)
+            if self.logger is not None and self.step % self.cfg.log_every == 0:
+                self.logger.step({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                  "loss": {k: float(v) for k, v in terms.items()},
+                                  "lr": self.optimizer.param_groups[0]["lr"]})
             if on_step is not None:
                 on_step(i, terms)
         seconds = time.perf_counter() - t0
@@ -191,7 +276,7 @@ class Trainer:
         self.module.eval()
         if self.ema is not None:
             self.ema.module.eval()
-        loader = DeviceLoader(data, self.cfg.data.eval_batch_size, False, False)
+        loader = DeviceLoader(data, self.cfg.data.eval_batch_size, False)
         n = len(self.cohort)
         metrics: dict[str, HeadMetrics] = {}
         for batch in loader:
@@ -213,7 +298,8 @@ class Trainer:
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         return {"format": 1, "config": self.cfg.to_dict(), "data": self.meta, "epoch": self.epoch,
-                "step": self.step, "cohort": self.cohort.state_dict(), "method": self.method.state_dict(),
+                "step": self.step, "prepared": self.prepared, "cohort": self.cohort.state_dict(),
+                "method": self.method.state_dict(), "addons": [a.state_dict() for a in self.addons],
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(),
@@ -221,10 +307,21 @@ class Trainer:
                 "best": self.best}
 
     def save(self, name: str) -> Path | None:
+        """Write ``checkpoints/<name>`` atomically; a failed write is one line saying what, why and how to
+        continue (the previous file is left intact)."""
         if self.out_dir is None or not self.dist.is_main:
             return None
         path = self.out_dir / "checkpoints" / name
-        save_atomic(self.state(), path)
+        state = self.state()
+        try:
+            save_atomic(state, path)
+        except (OSError, RuntimeError) as e:
+            since = (f"--resume {self.out_dir} continues from epoch {self.saved_epoch}" if self.saved_epoch
+                     else f"no checkpoint was written yet, so the run restarts from scratch")
+            raise PeerdistillError(f"could not write {path} ({write_failure(e, path, state)}); the previous "
+                                   f"checkpoint is intact; {since}") from None
+        if name == "last.pt":
+            self.saved_epoch = self.epoch
         return path
 
     def load(self, path: str | Path) -> None:
@@ -232,6 +329,8 @@ class Trainer:
         try:
             self.cohort.load_state_dict(ckpt["cohort"])
             self.method.load_state_dict(ckpt["method"])
+            for addon, state in zip(self.addons, ckpt.get("addons") or []):
+                addon.load_state_dict(state)
             if self.ema is not None and ckpt.get("ema") is not None:
                 self.ema.load_state_dict(ckpt["ema"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -242,11 +341,14 @@ class Trainer:
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.epoch, self.step, self.best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt.get("best") or {})
+        self.prepared = bool(ckpt.get("prepared", self.epoch > 0))
+        self.saved_epoch = self.epoch
 
     # ---------------------------------------------------------------------- fit
     def fit(self, progress: Callable[[Trainer], Any] | None = None) -> dict[str, Any]:
         """Train from the current epoch to ``cfg.epochs``; returns the summary."""
         last_eval: dict[str, Any] = {}
+        self.before_training()
         while self.epoch < self.cfg.epochs:
             bar = progress(self) if progress is not None else None
             train = self.train_epoch(bar.on_step if bar is not None else None)
@@ -254,23 +356,30 @@ class Trainer:
                 bar.close()
             self.epoch += 1
             if self.dist.is_main:
-                last_eval = self._end_epoch(train)
+                last_eval = self._end_epoch(train) or last_eval
             self.dist.barrier()
         return self.summary(last_eval)
 
+    def evaluates_now(self) -> bool:
+        """Every ``eval_every`` epochs and always after the last one."""
+        return self.epoch % self.cfg.eval_every == 0 or self.epoch >= self.cfg.epochs
+
     def _end_epoch(self, train: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        val = self.evaluate(self.data.val) if self.data.val is not None else {}
-        test = self.evaluate(self.data.test)
-        record = {"epoch": self.epoch, "step": self.step, **train, "eval_seconds": time.perf_counter() - t0,
-                  "val": val, "test": test}
-        improved = self._track_best(val, test)
+        """Evaluate (when due), checkpoint and log one epoch; returns the record if it was evaluated."""
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, **train}
+        improved = False
+        if self.evaluates_now():
+            t0 = time.perf_counter()
+            val = self.evaluate(self.data.val) if self.data.val is not None else {}
+            test = self.evaluate(self.data.test)
+            record.update(eval_seconds=time.perf_counter() - t0, val=val, test=test)
+            improved = self._track_best(val, test)
         self.save("last.pt")
         if improved:
             self.save("best.pt")
         if self.logger is not None:
             self.logger.epoch(record)
-        return record
+        return record if "test" in record else {}
 
     def _track_best(self, val: dict[str, Any], test: dict[str, Any]) -> bool:
         """Per head: test metrics at the epoch of that head's best validation top-1."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..params import NonNegative, Positive
 from .base import METHODS, Method, Needs, StepRecord
 from .functional import kd_kl
 
@@ -18,7 +19,7 @@ class DML(Method):
         weight: weight of the mutual term.
     """
 
-    def __init__(self, temperature: float = 1.0, weight: float = 1.0) -> None:
+    def __init__(self, temperature: Positive = 1.0, weight: NonNegative = 1.0) -> None:
         super().__init__()
         self.temperature, self.weight = temperature, weight
         self.needs = Needs(min_peers=2)
@@ -28,7 +29,7 @@ class DML(Method):
         n = len(out)
         terms: dict[str, Tensor] = {}
         for i, o in enumerate(out):
-            terms[f"ce{i}"] = rec.ce(o.logits)
+            terms[f"ce{i}"] = rec.ce(o.logits, i)
             kl = sum(kd_kl(o.logits, out[j].logits, self.temperature) for j in range(n) if j != i)
             terms[f"kl{i}"] = self.weight * kl / (n - 1)
         return terms

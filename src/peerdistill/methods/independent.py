@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..params import Fraction
 from .base import METHODS, Method, StepRecord
 
 
@@ -15,9 +16,9 @@ class Independent(Method):
         label_smoothing: epsilon of label smoothing (0 disables; 0.1 is the usual baseline).
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: Fraction = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
-        return {f"ce{i}": rec.ce(o.logits, self.label_smoothing) for i, o in enumerate(rec.outputs)}
+        return {f"ce{i}": rec.ce(o.logits, i, self.label_smoothing) for i, o in enumerate(rec.outputs)}

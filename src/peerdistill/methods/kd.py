@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import PeerdistillError
+from ..params import NonNegative, NonNegativeInt, Positive
 from .base import METHODS, Method, Needs, StepRecord
 from .functional import kd_kl
 
@@ -30,15 +31,11 @@ class KD(Method):
         gamma: weight of the cross-entropy term.
     """
 
-    def __init__(self, teacher: str = "", teacher_peer: int = 0, teacher_model: str = "",
-                 temperature: float = 4.0, alpha: float = 0.9, gamma: float = 0.1) -> None:
+    def __init__(self, teacher: str = "", teacher_peer: NonNegativeInt = 0, teacher_model: str = "",
+                 temperature: Positive = 4.0, alpha: NonNegative = 0.9, gamma: NonNegative = 0.1) -> None:
         super().__init__()
         if not teacher:
             raise PeerdistillError("method 'kd' needs a teacher: set method.teacher=<run directory or checkpoint>")
-        if temperature <= 0:
-            raise PeerdistillError(f"method 'kd': temperature must be > 0, got {temperature}")
-        if teacher_peer < 0:
-            raise PeerdistillError(f"method 'kd': teacher_peer must be >= 0, got {teacher_peer}")
         self.temperature, self.alpha, self.gamma = temperature, alpha, gamma
         self.needs = Needs(teacher=teacher, teacher_peer=teacher_peer, teacher_model=teacher_model or None)
 
@@ -47,6 +44,6 @@ class KD(Method):
             raise PeerdistillError("method 'kd' got no teacher outputs from the engine")
         terms: dict[str, Tensor] = {}
         for i, (o, t) in enumerate(zip(rec.outputs, rec.teacher)):
-            terms[f"ce{i}"] = self.gamma * rec.ce(o.logits)
+            terms[f"ce{i}"] = self.gamma * rec.ce(o.logits, i)
             terms[f"kd{i}"] = self.alpha * kd_kl(o.logits, t.logits, self.temperature)
         return terms

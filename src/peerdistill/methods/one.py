@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PeerdistillError
-from .base import METHODS, Method, Needs, PeerOutput, StepRecord
+from ..params import NonNegative, Positive
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
 from .functional import kd_kl, sigmoid_rampup
 
 
@@ -52,18 +53,17 @@ class ONE(Method):
         split_after: last shared stage; empty = all stages but the last.
     """
 
-    def __init__(self, temperature: float = 3.0, weight: float = 1.0, rampup_epochs: float = 0.0,
+    def __init__(self, temperature: Positive = 3.0, weight: NonNegative = 1.0, rampup_epochs: NonNegative = 0.0,
                  split_after: str = "") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise PeerdistillError(f"method 'one': temperature must be > 0, got {temperature}")
         self.temperature, self.weight, self.rampup_epochs = temperature, weight, rampup_epochs
+        # The gated teacher combines the branches' logits on one input: one shared (mixed) view.
         self.needs = Needs(min_peers=2, topology="branched", split_after=split_after or None)
         self.tap = ""
         self.gate_fc: nn.Linear | None = None
         self.gate_bn: nn.BatchNorm1d | None = None
 
-    def setup(self, cohort: nn.Module, num_classes: int) -> None:
+    def setup(self, cohort: nn.Module, data: DataInfo) -> None:
         if cohort.shared < 1:
             raise PeerdistillError("method 'one' needs a branched cohort with at least one shared stage")
         net, m = cohort.nets[0], len(cohort)
@@ -87,7 +87,7 @@ class ONE(Method):
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         z_e = self.gated(rec.outputs)
         w = self.weight * sigmoid_rampup(rec.epoch, self.rampup_epochs) if self.rampup_epochs > 0 else self.weight
-        terms: dict[str, Tensor] = {f"ce{i}": rec.ce(o.logits) for i, o in enumerate(rec.outputs)}
+        terms: dict[str, Tensor] = {f"ce{i}": rec.ce(o.logits, i) for i, o in enumerate(rec.outputs)}
         terms["ce_gated"] = rec.ce(z_e)
         for i, o in enumerate(rec.outputs):
             terms[f"kl{i}"] = w * kd_kl(o.logits, z_e, self.temperature)  # target detached: sg(z_e)

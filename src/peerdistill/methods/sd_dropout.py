@@ -4,11 +4,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PeerdistillError
+from ..params import Fraction, Literal, NonNegative, Positive
 from .base import METHODS, Method, Needs, StepRecord
 from .functional import kd_kl
-
-VARIANTS = ("both", "forward", "reverse")
 
 
 @METHODS.register("sd_dropout")
@@ -49,16 +47,9 @@ class SDDropout(Method):
         variant: ``"both"``, ``"forward"`` or ``"reverse"`` (see above).
     """
 
-    def __init__(self, beta: float = 0.5, temperature: float = 3.0, lam: float = 1.0, detach: bool = False,
-                 variant: str = "both") -> None:
+    def __init__(self, beta: Fraction = 0.5, temperature: Positive = 3.0, lam: NonNegative = 1.0,
+                 detach: bool = False, variant: Literal["both", "forward", "reverse"] = "both") -> None:
         super().__init__()
-        if not 0.0 <= beta < 1.0:
-            raise PeerdistillError(f"method 'sd_dropout': beta must be in [0, 1), got {beta}")
-        if temperature <= 0:
-            raise PeerdistillError(f"method 'sd_dropout': temperature must be > 0, got {temperature}")
-        if variant not in VARIANTS:
-            raise PeerdistillError(f"method 'sd_dropout': variant must be one of {', '.join(VARIANTS)}, "
-                                   f"got {variant!r}")
         self.beta, self.temperature, self.lam = beta, temperature, lam
         self.detach, self.variant = detach, variant
         self.needs = Needs(peers=None)
@@ -79,6 +70,6 @@ class SDDropout(Method):
             f = o.embedding  # (B, D)
             z_u = head(F.dropout(f, p=self.beta, training=True))  # (B, K)
             z_v = head(F.dropout(f, p=self.beta, training=True))
-            terms[f"ce{i}"] = rec.ce(o.logits)
+            terms[f"ce{i}"] = rec.ce(o.logits, i)
             terms[f"sdd{i}"] = self.lam * self.sdd(z_u, z_v)
         return terms

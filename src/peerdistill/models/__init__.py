@@ -2,9 +2,9 @@
 import importlib
 import pkgutil
 
-from .base import MODELS, StagedNet, build_model, init_weights
+from .base import MODELS, PeerOutput, StagedNet, build_model, init_weights
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["MODELS", "StagedNet", "build_model", "init_weights"]
+__all__ = ["MODELS", "PeerOutput", "StagedNet", "build_model", "init_weights"]

@@ -15,12 +15,22 @@ belongs to the last stage, so ``stages[k:]`` plus the head is always a valid "br
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from ..registry import Registry
 
 MODELS: Registry[StagedNet] = Registry("model")
+
+
+@dataclass
+class PeerOutput:
+    """One network's outputs for one input: logits (B, K), pooled embedding (B, D), requested stage maps."""
+
+    logits: Tensor
+    embedding: Tensor
+    maps: dict[str, Tensor] = field(default_factory=dict)
 
 
 class StagedNet(nn.Module):

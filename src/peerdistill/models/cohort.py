@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..errors import PeerdistillError
-from ..methods.base import PeerOutput
-from .base import StagedNet, build_model
+from .base import PeerOutput, StagedNet, build_model
 
 
 class Cohort(nn.Module):
@@ -41,13 +40,19 @@ class Cohort(nn.Module):
     def heads(self) -> list[nn.Linear]:
         return [net.classifier for net in self.nets]
 
-    def forward(self, views: Sequence[Tensor], taps: Sequence[str] = ()) -> list[PeerOutput]:
-        """Run peer i on ``views[i]``; a shared trunk runs once per distinct view object."""
-        if self.fused:
+    def forward(self, views: Sequence[Tensor | None], taps: Sequence[str] = ()) -> list[PeerOutput | None]:
+        """Run peer i on ``views[i]`` (``None``: peer i is skipped and its output is ``None``).
+
+        A shared trunk runs once per distinct view object.
+        """
+        if self.fused and all(v is not None for v in views):
             return self._fused_forward(views, taps)
         trunk: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
-        outs = []
+        outs: list[PeerOutput | None] = []
         for net, x in zip(self.nets, views):
+            if x is None:
+                outs.append(None)
+                continue
             if self.shared and id(x) in trunk:
                 h, maps = trunk[id(x)]
                 maps = dict(maps)

@@ -1,0 +1,162 @@
+"""Batch composition a method can ask for (DESIGN §3g): random, m samples per class, same-class pairs.
+
+A sampler turns an epoch number into the epoch's **global** batches: an index matrix
+``(n_batches, rows)`` with ``rows = rows_per_sample * global_batch``. Under torchrun, rank r trains on
+the columns ``r::world_size`` of every row, so a sampler arranges its columns such that each rank's slice
+is itself a well-formed batch (whole same-class groups, anchors before partners). Every draw comes from a
+generator seeded by ``(seed, epoch)``: an epoch is reproducible on its own, so ``--resume`` replays it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import PeerdistillError
+
+
+class Sampler:
+    """Random batches: a fresh permutation of the training set each epoch (the default)."""
+
+    rows_per_sample = 1  # rows a batch holds per sample of ``batch_size`` (pairs: anchor + partner)
+
+    def epoch(self, labels: np.ndarray, batch_size: int, world: int, seed: int, epoch: int) -> Tensor:
+        """(n_batches, rows_per_sample * batch_size) global dataset indices of one epoch.
+
+        Args:
+            labels: (N,) training labels.
+            batch_size: global batch size (samples, not rows).
+            world: number of processes; each rank takes columns ``rank::world``.
+            seed, epoch: the draw is a function of these alone.
+        """
+        n = len(labels)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        nb = n // batch_size
+        return order[: nb * batch_size].view(nb, batch_size)
+
+    def check(self, labels: np.ndarray, batch_size: int, world: int) -> None:
+        """Raise a one-line error if this data and batch size cannot give well-formed batches."""
+        if len(labels) < batch_size:
+            raise PeerdistillError(f"batch_size {batch_size} is larger than the {len(labels)} training samples")
+
+    def describe(self) -> str:
+        return "random"
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, 0x5A3])
+
+
+class MPerClassSampler(Sampler):
+    """Batches of ``batch_size / m`` groups of ``m`` same-class samples (MCL's ``MPerClassSampler``, m = 2).
+
+    Each epoch every class's samples are shuffled and cut into groups of m (a class whose count is not a
+    multiple of m completes its last group with randomly re-drawn samples of the same class), the groups
+    are shuffled and packed into batches so that no class holds more than ``ceil(groups per batch /
+    classes)`` groups of a batch: with at least as many classes as groups per batch (CIFAR-100, 64 groups
+    of 2) every class in a batch has exactly m samples; with fewer classes (Fashion-MNIST) each class's
+    count is a multiple of m. Every sample appears once per epoch apart from those completing groups and
+    the last incomplete batch, which is dropped as for random batches.
+    """
+
+    def __init__(self, m: int = 2) -> None:
+        self.m = m
+
+    def check(self, labels: np.ndarray, batch_size: int, world: int) -> None:
+        super().check(labels, batch_size, world)
+        if batch_size % (self.m * world):
+            raise PeerdistillError(f"m-per-class batches need batch_size divisible by m x processes = "
+                                   f"{self.m} x {world}; got {batch_size}")
+        small = np.bincount(labels)[np.bincount(labels) > 0].min()
+        if small < self.m:
+            raise PeerdistillError(f"m-per-class batches need at least m = {self.m} samples of every class; "
+                                   f"one class has {small}")
+
+    def describe(self) -> str:
+        return f"{self.m} per class"
+
+    def epoch(self, labels: np.ndarray, batch_size: int, world: int, seed: int, epoch: int) -> Tensor:
+        rng, m = _rng(seed, epoch), self.m
+        groups, classes = [], []
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            pad = (-len(idx)) % m
+            if pad:  # complete the last group with other samples of the class (check() ensures >= m)
+                idx = np.concatenate([idx, rng.choice(idx[: len(idx) - len(idx) % m], pad, replace=False)])
+            groups.append(idx.reshape(-1, m))
+            classes.append(np.full(len(idx) // m, c))
+        all_groups, all_classes = np.concatenate(groups), np.concatenate(classes)
+        order = rng.permutation(len(all_groups))
+        per_batch = batch_size // m
+        cap = math.ceil(per_batch / len(groups))
+        batches = _pack(all_classes[order], per_batch, cap)
+        rows = [np.stack([all_groups[order[b]] for b in batch]) for batch in batches]  # (G, m) each
+        return torch.from_numpy(np.stack([_interleave(r, world) for r in rows])) if rows else \
+            torch.zeros(0, batch_size, dtype=torch.long)
+
+
+def _pack(classes: np.ndarray, per_batch: int, cap: int) -> list[list[int]]:
+    """Greedy packing of groups (in the given order) into batches of ``per_batch`` groups with at most
+    ``cap`` groups per class; a group that does not fit waits for the next batch. Incomplete tail dropped."""
+    waiting: list[int] = []
+    batches: list[list[int]] = []
+    pending = iter(range(len(classes)))
+    exhausted = False
+    while True:
+        batch: list[int] = []
+        count: dict[int, int] = {}
+        still: list[int] = []
+        for g in waiting:
+            c = int(classes[g])
+            if len(batch) < per_batch and count.get(c, 0) < cap:
+                batch.append(g)
+                count[c] = count.get(c, 0) + 1
+            else:
+                still.append(g)
+        waiting = still
+        while len(batch) < per_batch and not exhausted:
+            g = next(pending, None)
+            if g is None:
+                exhausted = True
+                break
+            c = int(classes[g])
+            if count.get(c, 0) < cap:
+                batch.append(g)
+                count[c] = count.get(c, 0) + 1
+            else:
+                waiting.append(g)
+        if len(batch) < per_batch:
+            return batches
+        batches.append(batch)
+
+
+def _interleave(groups: np.ndarray, world: int) -> np.ndarray:
+    """(G, m) groups -> one global batch row whose columns ``r::world`` are rank r's whole groups."""
+    local = [groups[r::world].reshape(-1) for r in range(world)]  # rank r's rows, groups contiguous
+    return np.stack(local, axis=1).reshape(-1)
+
+
+class PairSampler(Sampler):
+    """Anchors in random order, each followed (in the second half of the batch) by a random sample of
+    its own class, which may be the anchor itself (CS-KD's ``PairBatchSampler``). A batch holds
+    ``2 * batch_size`` rows: anchors first, partners after; each anchor appears once per epoch."""
+
+    rows_per_sample = 2
+
+    def describe(self) -> str:
+        return "anchor + same-class partner"
+
+    def epoch(self, labels: np.ndarray, batch_size: int, world: int, seed: int, epoch: int) -> Tensor:
+        anchors = super().epoch(labels, batch_size, world, seed, epoch)  # (nb, B), the random order
+        rng = _rng(seed, epoch)
+        by_class = np.argsort(labels, kind="stable")
+        counts = np.bincount(labels, minlength=int(labels.max()) + 1)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        a = anchors.numpy()
+        c = labels[a]
+        pick = starts[c] + np.floor(rng.random(a.shape) * counts[c]).astype(np.int64)
+        partners = torch.from_numpy(by_class[pick])
+        return torch.cat([anchors, partners], dim=1)  # columns r::world: rank r's anchors, then partners

@@ -1,0 +1,84 @@
+"""Run configurations as the result table compares them: every default filled in, values canonical.
+
+``method: dml`` and ``method: {name: dml, temperature: 1.0}`` describe the same run, and a config.yaml
+written before a key existed means that key's default; :func:`resolve` makes such configs equal.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..config import Config
+from ..data.mix import MIXERS
+from ..errors import PeerdistillError
+from ..methods import ADDONS, METHODS
+from ..models import MODELS
+from ..registry import Registry
+
+# The registry behind each component key.
+REGISTRIES: dict[str, Registry[Any]] = {"method": METHODS, "model": MODELS, "mixer": MIXERS, "addon": ADDONS}
+_ENGINE_ARGS = ("num_classes", "in_channels")  # given to models from the data, never set in a config
+
+
+def resolve(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with every default filled in, as the table compares runs.
+
+    Args:
+        raw: the mapping read from a run's ``config.yaml`` (of this or an older version).
+    """
+    defaults = Config().to_dict()
+    cfg = _merge({k: v for k, v in defaults.items() if k not in REGISTRIES}, raw)
+    for key, registry in REGISTRIES.items():  # a component is replaced whole, never merged with the default
+        comp = _component(raw.get(key, defaults.get(key)))
+        cfg[key] = None if comp is None else {"name": comp["name"], **component_defaults(registry, comp["name"]),
+                                              **comp}
+    return cfg
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(base.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _component(value: Any) -> dict[str, Any] | None:
+    """``name`` or ``{name: ..., **args}`` as a mapping; ``None`` for none."""
+    if isinstance(value, str):
+        return {"name": value}
+    return value if isinstance(value, dict) and "name" in value else None
+
+
+def component_defaults(registry: Registry[Any], name: str) -> dict[str, Any]:
+    """Constructor defaults of ``name``; of a heterogeneous cohort ``a,b``, those all members share.
+
+    An unknown name (a component since renamed or removed) has none: such runs are grouped as written.
+    """
+    try:
+        params = [registry.params(part.strip()) for part in str(name).split(",")]
+    except PeerdistillError:
+        return {}
+    return {k: v for k, v in params[0].items() if v is not inspect.Parameter.empty and k not in _ENGINE_ARGS
+            and all(k in p and canon(p[k]) == canon(v) for p in params[1:])}
+
+
+def canon(v: Any) -> Any:
+    """A value as compared: ``1`` and ``1.0`` (YAML writes what was typed), tuples and lists are equal."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [canon(x) for x in v]
+    return {k: canon(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether dotted ``key`` is one of ``prefixes`` or lies under one (``optim.lr`` is under ``optim``)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
