@@ -1,13 +1,14 @@
-"""``peerdistill train | eval | list | bench``: the command line (DESIGN §5)."""
+"""``peerdistill train | list | bench | table`` and the commands of :mod:`peerdistill.commands`: the command
+line (DESIGN §5)."""
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 from pathlib import Path
 
 from . import config as C
+from .commands import add_all
 from .errors import PeerdistillError
 
 
@@ -29,19 +30,6 @@ def _train(args: argparse.Namespace) -> None:
         print(f"\ntest set, last epoch ({summary['epochs']}); ECE in %, 15 bins; last column: the head's test "
               f"top-1 at its best validation epoch")
         print(format_table(final, summary["best"]))
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from .engine.run import evaluate, format_table
-
-    res = evaluate(args.path, args.checkpoint)
-    if args.json:
-        print(json.dumps(res))
-        return
-    print(f"{res['checkpoint']} (epoch {res['epoch']})")
-    for split in ("val", "test"):
-        if res[split]:
-            print(f"\n{split}:\n{format_table(res[split])}")
 
 
 def _fmt_params(params: dict[str, object]) -> str:
@@ -72,7 +60,7 @@ def _bench(args: argparse.Namespace) -> None:
     from .engine.bench import run_bench
 
     cfg = C.load(args.config, args.overrides)
-    run_bench(cfg, steps=args.steps, warmup=args.warmup, as_json=args.json)
+    run_bench(cfg, steps=args.steps, warmup=args.warmup, as_json=args.json, epoch_size=args.epoch_size)
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -90,11 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. method=dml method.temperature=2 epochs=3")
     t.set_defaults(fn=_train)
-    e = sub.add_parser("eval", help="re-evaluate a saved run or checkpoint")
-    e.add_argument("path", help="run directory or checkpoint file")
-    e.add_argument("--checkpoint", default="last.pt", help="last.pt or best.pt when PATH is a directory")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(fn=_eval)
     ls = sub.add_parser("list", help="models, methods, datasets and mixers with their hyper-parameters")
     ls.set_defaults(fn=_list)
     b = sub.add_parser("bench", help="time training steps of any config")
@@ -102,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b.add_argument("--epoch-size", type=int, default=None, metavar="N",
+                   help="training images per epoch for the projected run time (default: this data's training "
+                        "split; e.g. 50000 for CIFAR when benchmarking on synthetic data)")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=_bench)
     tb = sub.add_parser("table", help="mean ± std table of finished runs, grouped by config minus seed")
@@ -109,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--which", choices=("final", "best"), default="final",
                     help="last epoch, or the epoch of best validation top-1 per head")
     tb.set_defaults(fn=_table)
+    add_all(sub)
     return p
 
 

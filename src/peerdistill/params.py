@@ -13,6 +13,7 @@ annotations to generate invalid values.
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class _Invalid(Exception):
     pass
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check(value: Any, hint: Any) -> Any:
     base, meta = _split(hint)
     origin = typing.get_origin(base)
@@ -135,6 +139,8 @@ def _check_plain(value: Any, base: Any) -> Any:
             raise _Invalid
         return value
     if base is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise _Invalid
         return float(value)

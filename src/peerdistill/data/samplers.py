@@ -54,12 +54,12 @@ class MPerClassSampler(Sampler):
     """Batches of ``batch_size / m`` groups of ``m`` same-class samples (MCL's ``MPerClassSampler``, m = 2).
 
     Each epoch every class's samples are shuffled and cut into groups of m (a class whose count is not a
-    multiple of m completes its last group with randomly re-drawn samples of the same class), the groups
-    are shuffled and packed into batches so that no class holds more than ``ceil(groups per batch /
-    classes)`` groups of a batch: with at least as many classes as groups per batch (CIFAR-100, 64 groups
-    of 2) every class in a batch has exactly m samples; with fewer classes (Fashion-MNIST) each class's
-    count is a multiple of m. Every sample appears once per epoch apart from those completing groups and
-    the last incomplete batch, which is dropped as for random batches.
+    multiple of m completes its last group with randomly re-drawn samples of the same class), and the
+    groups are packed into batches so that no class holds more than ``ceil(groups per batch / classes)``
+    groups of a batch: with at least as many classes as groups per batch (CIFAR-100: 64 groups of 2)
+    every class in a batch has exactly m samples; with fewer classes (Fashion-MNIST) each class's count
+    is a multiple of m. With balanced classes every sample appears exactly once per epoch, apart from
+    those completing groups and the last incomplete batch, which is dropped as for random batches.
     """
 
     def __init__(self, m: int = 2) -> None:
@@ -80,57 +80,32 @@ class MPerClassSampler(Sampler):
 
     def epoch(self, labels: np.ndarray, batch_size: int, world: int, seed: int, epoch: int) -> Tensor:
         rng, m = _rng(seed, epoch), self.m
-        groups, classes = [], []
+        groups: list[np.ndarray] = []  # per class: (n_c, m) shuffled groups
         for c in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == c))
             pad = (-len(idx)) % m
             if pad:  # complete the last group with other samples of the class (check() ensures >= m)
                 idx = np.concatenate([idx, rng.choice(idx[: len(idx) - len(idx) % m], pad, replace=False)])
             groups.append(idx.reshape(-1, m))
-            classes.append(np.full(len(idx) // m, c))
-        all_groups, all_classes = np.concatenate(groups), np.concatenate(classes)
-        order = rng.permutation(len(all_groups))
         per_batch = batch_size // m
         cap = math.ceil(per_batch / len(groups))
-        batches = _pack(all_classes[order], per_batch, cap)
-        rows = [np.stack([all_groups[order[b]] for b in batch]) for batch in batches]  # (G, m) each
-        return torch.from_numpy(np.stack([_interleave(r, world) for r in rows])) if rows else \
-            torch.zeros(0, batch_size, dtype=torch.long)
-
-
-def _pack(classes: np.ndarray, per_batch: int, cap: int) -> list[list[int]]:
-    """Greedy packing of groups (in the given order) into batches of ``per_batch`` groups with at most
-    ``cap`` groups per class; a group that does not fit waits for the next batch. Incomplete tail dropped."""
-    waiting: list[int] = []
-    batches: list[list[int]] = []
-    pending = iter(range(len(classes)))
-    exhausted = False
-    while True:
-        batch: list[int] = []
-        count: dict[int, int] = {}
-        still: list[int] = []
-        for g in waiting:
-            c = int(classes[g])
-            if len(batch) < per_batch and count.get(c, 0) < cap:
-                batch.append(g)
-                count[c] = count.get(c, 0) + 1
-            else:
-                still.append(g)
-        waiting = still
-        while len(batch) < per_batch and not exhausted:
-            g = next(pending, None)
-            if g is None:
-                exhausted = True
+        left = np.array([len(g) for g in groups])
+        rows = []
+        while left.sum() >= per_batch:
+            # Classes with the most groups left first (random among equals): the greedy rule that never
+            # strands groups when the classes are balanced, so the epoch covers every sample.
+            order = np.lexsort((rng.random(len(left)), -left))
+            take: list[np.ndarray] = []
+            for c in order:
+                k = min(cap, int(left[c]), per_batch - len(take))
+                take.extend(groups[c][len(groups[c]) - left[c]:len(groups[c]) - left[c] + k])
+                left[c] -= k
+                if len(take) == per_batch:
+                    break
+            if len(take) < per_batch:
                 break
-            c = int(classes[g])
-            if count.get(c, 0) < cap:
-                batch.append(g)
-                count[c] = count.get(c, 0) + 1
-            else:
-                waiting.append(g)
-        if len(batch) < per_batch:
-            return batches
-        batches.append(batch)
+            rows.append(_interleave(np.stack(take)[rng.permutation(per_batch)], world))
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
 
 
 def _interleave(groups: np.ndarray, world: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config
+from ..errors import PeerdistillError
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
@@ -97,18 +98,23 @@ def bench_config(cfg: Config) -> Config:
     return cfg
 
 
-def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = False) -> dict[str, Any]:
+def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = False,
+              epoch_size: int | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` untimed ones; print and return the report.
 
     Returns a dict with ``images_per_s`` (batch_size x steps / seconds, i.e. images through the whole
     cohort), ``images_per_s_per_peer``, ``step_ms``, ``breakdown_ms`` / ``breakdown_pct`` per phase,
-    ``peak_rss_mb``, ``rss_growth_mb`` over the timed steps, ``gpu_peak_mb`` (CUDA only) and the
-    config essentials (device, precision, memory format, threads, model, peers, method, batch size).
+    ``peak_rss_mb``, ``rss_growth_mb`` over the timed steps, ``gpu_peak_mb`` (CUDA only),
+    ``method_state_mb`` (the method's own parameters and buffers: banks, stored predictions, heads) and
+    ``ema_mb``, and the config essentials. ``projected_run_s`` assumes ``epoch_size`` training images per
+    epoch (default: this data's training split), reported as ``epoch_size``.
     """
+    if epoch_size is not None and epoch_size < cfg.batch_size:
+        raise PeerdistillError(f"--epoch-size {epoch_size} is smaller than one batch ({cfg.batch_size})")
     cfg = bench_config(cfg)
     trainer = Trainer(cfg, None)
     try:
-        report = _run(trainer, steps, warmup)
+        report = _run(trainer, steps, warmup, epoch_size)
     finally:
         teardown()
     if trainer.dist.is_main:  # under torchrun: rank 0's view; batch_size is the global batch
@@ -116,7 +122,14 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = Fal
     return report
 
 
-def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
+def _mb(module: torch.nn.Module | None) -> float:
+    """Bytes of a module's parameters and buffers, in MB."""
+    if module is None:
+        return 0.0
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) / 2**20
+
+
+def _run(trainer: Trainer, steps: int, warmup: int, epoch_size: int | None = None) -> dict[str, Any]:
     cfg = trainer.cfg
     batches = _batches(trainer)
     trainer.timer.enabled = False
@@ -134,7 +147,9 @@ def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     peers = len(trainer.cohort)
     syncs = _host_syncs(trainer, batches) if trainer.device.type == "cuda" else None
     eval_s = _eval_seconds(trainer)
-    epoch_s = trainer.steps_per_epoch * seconds / steps
+    size = epoch_size or len(trainer.data.train)
+    steps_per_epoch = trainer.steps_per_epoch if epoch_size is None else epoch_size // cfg.batch_size
+    epoch_s = steps_per_epoch * seconds / steps
     return {**_essentials(trainer, steps, warmup),
             "images_per_s": cfg.batch_size * steps / seconds,
             "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
@@ -144,7 +159,9 @@ def _run(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
             "gpu_peak_mb": (torch.cuda.max_memory_allocated(trainer.device) / 2**20
                             if trainer.device.type == "cuda" else None),
             "host_syncs_per_step": syncs,
-            "eval_s": eval_s, "train_epoch_s": epoch_s, "epochs": cfg.epochs,
+            "method_state_mb": _mb(trainer.method) + sum(_mb(a) for a in trainer.addons),
+            "ema_mb": _mb(trainer.ema),
+            "eval_s": eval_s, "train_epoch_s": epoch_s, "epochs": cfg.epochs, "epoch_size": size,
             "projected_run_s": cfg.epochs * (epoch_s + eval_s)}
 
 
@@ -212,13 +229,16 @@ def format_report(r: dict[str, Any]) -> str:
              f"  images/s per peer             {r['images_per_s_per_peer']:10.1f}",
              f"  step time                     {r['step_ms']:10.1f} ms",
              f"  peak RSS                      {r['peak_rss_mb']:10.1f} MB",
-             f"  RSS growth over timed steps   {r['rss_growth_mb']:10.1f} MB (last vs first quarter)"]
+             f"  RSS growth over timed steps   {r['rss_growth_mb']:10.1f} MB (last vs first quarter)",
+             f"  method state (banks, heads)   {r['method_state_mb']:10.1f} MB"
+             + (f" (+ EMA copy {r['ema_mb']:.1f} MB)" if r["ema_mb"] else "")]
     if r.get("gpu_peak_mb") is not None:
         lines.append(f"  GPU peak allocated            {r['gpu_peak_mb']:10.1f} MB")
     if r.get("host_syncs_per_step") is not None:
         lines.append(f"  host syncs per step           {r['host_syncs_per_step']:10.1f}")
     lines.append(f"  projected run                 {format_duration(r['projected_run_s']):>10} "
-                 f"({r['epochs']} epochs x ({r['train_epoch_s']:.1f} s train + {r['eval_s']:.1f} s evaluation))")
+                 f"({r['epochs']} epochs x ({r['train_epoch_s']:.1f} s train + {r['eval_s']:.1f} s evaluation), "
+                 f"{r['epoch_size']} training images per epoch: set --epoch-size for another data size)")
     lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
                   f"{r['timed_step_ms']:.1f} ms/step)"]
     for p, v in r["breakdown_ms"].items():
