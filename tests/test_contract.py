@@ -68,10 +68,6 @@ class _Probe(Method):
         return [ParamGroup(list(self.fusion.parameters()), self.fusion_wd)] if self.fusion_wd >= 0 else []
 
 
-METHODS.register("_probe")(_Probe)
-
-
-@ADDONS.register("_double_ce")
 class _DoubleCE(AddOn):
     """A test add-on: adds each peer's CE once more, through the method's dropout features."""
 
@@ -82,6 +78,15 @@ class _DoubleCE(AddOn):
     def losses(self, rec, method):
         return {f"again{i}": self.weight * rec.ce(fh.head(fh.feature), i)
                 for i, fh in enumerate(method.dropout_features(rec))}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """The test components exist only while this module's tests run (other modules parametrize over
+    every registered method)."""
+    METHODS._items["_probe"], ADDONS._items["_double_ce"] = _Probe, _DoubleCE
+    yield
+    del METHODS._items["_probe"], ADDONS._items["_double_ce"]
 
 
 def test_per_peer_views_are_independent_augmentations_of_the_same_images():
