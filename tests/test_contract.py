@@ -274,3 +274,17 @@ def test_gradient_accumulation_steps_every_k_batches_and_clipping_bounds_the_nor
         tr.train_step(batch)
     assert len(calls) == 2
     assert all(n <= 0.01 + 1e-6 for n in calls)
+
+
+def test_trunk_grad_scale_divides_only_the_shared_trunk_gradient():
+    grads = []
+    for scale in (1.0, 0.25):
+        tr = trainer("method=_probe", "method.topology=branched", "peers=2")
+        tr.module.eval()
+        tr.cohort.trunk_grad_scale = scale
+        rec = tr.step_record(next(iter(tr.train_loader)))
+        sum(o.logits.float().pow(2).mean() for o in rec.outputs).backward()
+        grads.append((tr.cohort.nets[0].stem[0].weight.grad.clone(), tr.cohort.nets[1].classifier.weight.grad.clone()))
+    (stem1, head1), (stem2, head2) = grads
+    assert torch.allclose(stem2, 0.25 * stem1, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(head2, head1)

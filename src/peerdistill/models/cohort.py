@@ -7,6 +7,7 @@ use) while the trunk is computed once per distinct input view and its gradients 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,9 @@ class Cohort(nn.Module):
         super().__init__()
         self.nets = nn.ModuleList(nets)
         self.shared = shared
+        # Scale of the gradient a shared trunk receives back from the branches (1 = plain sum of the
+        # branches' gradients); CL-ILR's backprop rescaling sets 1/m. Identity in the forward pass.
+        self.trunk_grad_scale = 1.0
         if fused:
             check_fusable(self.nets, shared)
         self.fused = fused
@@ -62,6 +66,8 @@ class Cohort(nn.Module):
                     h = stage(h)
                     maps[name] = h
                 if self.shared:
+                    if self.trunk_grad_scale != 1.0 and h.requires_grad:
+                        h = _GradScale.apply(h, self.trunk_grad_scale)
                     trunk[id(x)] = (h, dict(maps))
             for name, stage in zip(net.stage_names[self.shared:], net.stages[self.shared:]):
                 h = stage(h)
@@ -102,6 +108,19 @@ class Cohort(nn.Module):
                 torch._foreach_copy_([net.get_buffer(k) for k in names for net in nets],
                                      [v for k in names for v in buffers[k].unbind(0)])
         return [PeerOutput(logits[i], emb[i], {k: v[i] for k, v in maps.items()}) for i in range(len(nets))]
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``scale`` on its way back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class _Tapped(nn.Module):
