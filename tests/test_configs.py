@@ -7,8 +7,7 @@ import pytest
 
 from peerdistill import config as C
 from peerdistill.data import DATASETS
-from peerdistill.data.mix import MIXERS
-from peerdistill.methods import METHODS
+from peerdistill.engine.build import validate_config
 from peerdistill.models import MODELS
 
 PRESETS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
@@ -21,12 +20,10 @@ def test_presets_exist():
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: str(p.relative_to(p.parent.parent)))
 def test_preset_validates(path):
     cfg = C.load(path)
-    METHODS.build(cfg.method.name, **cfg.method.args)  # validates every hyper-parameter
+    validate_config(cfg)  # every component's hyper-parameters and the method's needs against the config
     for name in cfg.model_names:
         MODELS.build(name, num_classes=10, in_channels=3, **cfg.model.args)
     assert cfg.data.name in DATASETS
-    if cfg.mixer is not None:
-        MIXERS.build(cfg.mixer.name, **cfg.mixer.args)
 
 
 def test_default_config_is_the_fmnist_dml_preset():

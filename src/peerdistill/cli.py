@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except PeerdistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a fault of the machine (disk full, permissions) outside the guarded writes
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {(e.strerror or str(e)).lower()}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch is in checkpoints/last.pt (continue with --resume)",
               file=sys.stderr)
