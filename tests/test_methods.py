@@ -38,7 +38,7 @@ def make_trainer(*overrides: str) -> Trainer:
 
 def peers_for(name: str) -> int:
     needs = METHODS.build(name).needs
-    return needs.peers or max(2, needs.min_peers)
+    return needs.peers or max(needs.default_peers, needs.min_peers)
 
 
 def method_trainer(name: str, teacher: object = None, *extra: str) -> Trainer:

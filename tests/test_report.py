@@ -52,6 +52,8 @@ def _fake_run(d: Path, cfg: dict | None = None, summary: dict | None = None, his
     """A run directory as `train` leaves it; ``changes`` are top-level config keys (``seed=1``)."""
     d.mkdir(parents=True)
     cfg = cfg if cfg is not None else Config().to_dict()
+    cfg.setdefault("peers", None)
+    cfg["peers"] = cfg["peers"] or 2  # a real run's config names its (resolved) cohort size
     cfg.update(changes)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (d / "summary.json").write_text(json.dumps(summary if summary is not None else _summary()))

@@ -81,7 +81,7 @@ class Config:
 
     method: Component = field(default_factory=lambda: Component("dml"))
     model: Component = field(default_factory=lambda: Component("resnet14"))
-    peers: PositiveInt = 2
+    peers: PositiveInt | None = None  # None: the method's default (2 for most cohorts, 1 for self-KD, 3 for PCL)
     mixer: Component | None = None
     addon: Component | None = None  # a loss term added to any method (e.g. sd_dropout)
     epochs: PositiveInt = 5
@@ -96,6 +96,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: PositiveInt = 1  # evaluate every k epochs (and always after the last)
+    # Robustness evaluation after training (peerdistill eval --robustness), e.g. {adversarial: true, ood: true,
+    # limit: 500}; the keys are those of peerdistill.engine.robust.RobustOptions. None: not run.
+    robustness: dict[str, Any] | None = None
     log_every: PositiveInt = 20  # steps between per-step loss records (steps.jsonl) and progress updates
     progress_every: Positive = 30.0  # seconds between progress lines when stderr is not a terminal
     tensorboard: bool = True

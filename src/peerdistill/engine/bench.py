@@ -24,7 +24,7 @@ from ..errors import PeerdistillError
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
-from .build import load_splits, seed_everything
+from .build import cohort_size, load_splits, seed_everything
 from .distributed import teardown
 from .precision import resolve_device, resolve_precision
 from .trainer import Trainer
@@ -263,7 +263,7 @@ def bare_step_throughput(cfg: Config, steps: int = 20, warmup: int = 5) -> dict[
     seed_everything(cfg.seed)
     needs = METHODS.build(cfg.method.name, **cfg.method.args).needs
     # The same networks (and shared trunk, for branched methods) the engine would train.
-    cohort = build_cohort(cfg.model_names, needs.peers or cfg.peers, splits.num_classes, c, cfg.model.args,
+    cohort = build_cohort(cfg.model_names, cohort_size(cfg, needs), splits.num_classes, c, cfg.model.args,
                           needs.topology, needs.split_after)
     cohort = cohort.to(device, memory_format=fmt).train()
     o = cfg.optim

@@ -13,7 +13,7 @@ from ..data.augment import BatchAugment
 from ..data.loader import DataBundle, stratified_split, to_device
 from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError
-from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method
+from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..models import MODELS
 from ..models.cohort import Cohort, build_cohort
 from .checkpoint import load_checkpoint
@@ -89,11 +89,16 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
         MODELS.check(name, cfg.model.args, skip=("num_classes", "in_channels"))
     if cfg.mixer is not None:
         make_mixer(cfg)
+    if cfg.robustness is not None:
+        from .robust import options_from_mapping
+
+        options_from_mapping(cfg.robustness)
     if len(cfg.optim.betas) != 2:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)
     needs = method.needs
-    n = needs.peers or cfg.peers
+    n = cohort_size(cfg, needs)
+    cfg.peers = n  # the resolved config (written into the run) names the cohort size
     if n < needs.min_peers:
         raise PeerdistillError(f"method {cfg.method.name!r} needs at least {needs.min_peers} peers, got {n}")
     if len(cfg.model_names) not in (1, n):
@@ -105,18 +110,29 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     return method, addons
 
 
+def cohort_size(cfg: Config, needs: Needs) -> int:
+    """The number of networks: fixed by the method, else the config's ``peers``, else the method's default."""
+    if needs.peers is not None:
+        if cfg.peers not in (None, needs.peers):
+            raise PeerdistillError(f"method {cfg.method.name!r} trains exactly {needs.peers} network"
+                                   f"{'s' if needs.peers > 1 else ''}; remove peers={cfg.peers}")
+        return needs.peers
+    return cfg.peers or needs.default_peers
+
+
 def build_run(cfg: Config, device: torch.device) -> Built:
     """Build data, method and cohort, and check that they fit together."""
     method, addons = validate_config(cfg)
     splits = load_splits(cfg)
     data = to_device(splits, cfg.data.val_split, cfg.seed, device)
     needs = method.needs
-    n = needs.peers or cfg.peers
+    n = cohort_size(cfg, needs)
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
+    pad = splits.crop_padding if cfg.data.padding is None else cfg.data.padding
     info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
-                    tuple(splits.train.images.shape[1:3]))
+                    tuple(splits.train.images.shape[1:3]), pad)
     method.setup(cohort, info)
     for addon in addons:
         addon.setup(method, cohort, info)
@@ -136,7 +152,7 @@ def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
     if expected_model and expected_model not in names:
         raise PeerdistillError(f"teacher {path} is a {','.join(names)}, not the expected {expected_model}")
     method = METHODS.build(tcfg.method.name, **tcfg.method.args)
-    n = method.needs.peers or tcfg.peers
+    n = cohort_size(tcfg, method.needs)
     cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, tcfg.model.args,
                           method.needs.topology, method.needs.split_after)
     try:

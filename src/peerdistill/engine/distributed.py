@@ -29,6 +29,13 @@ class DistInfo:
         if self.world_size == 1:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
+        # A method's buffers (memory banks, stored per-sample predictions) are its own business: it keeps
+        # them identical across ranks itself (gathering what it writes), so DDP does not re-send them
+        # from rank 0 at every step; BatchNorm statistics are broadcast as usual.
+        method = getattr(module, "method", None)
+        if method is not None:
+            ignore = [f"method.{name}" for name, _ in method.named_buffers()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
         # Methods may leave some parameters unused in a step (e.g. heads evaluated only sometimes).
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 

@@ -68,7 +68,9 @@ def check_resume(cfg: C.Config, out: Path) -> None:
     stored_path = out / "config.yaml"
     if not stored_path.is_file():
         raise PeerdistillError(f"{out} has no config.yaml: it is not a run directory")
-    stored = C.load(stored_path).to_dict()
+    stored_cfg = C.load(stored_path)
+    validate_config(stored_cfg)
+    stored = stored_cfg.to_dict()
     new = cfg.to_dict()
     for key in sorted(set(_flat(stored)) | set(_flat(new))):
         if key.split(".")[0] in RESUMABLE:
@@ -97,6 +99,7 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     Everything is validated and built before the run directory is touched. Resuming a finished run
     trains nothing and rewrites nothing: it returns the stored summary.
     """
+    validate_config(cfg)  # resolves the method's defaults (e.g. the cohort size) before comparing or writing
     if resume is not None:
         out = Path(resume)
         if out_dir is not None and Path(out_dir).resolve() != out.resolve():
@@ -112,7 +115,6 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
         out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         if (out / "checkpoints" / "last.pt").exists():
             raise PeerdistillError(f"{out} already holds a run; use --resume {out} or another --out")
-        validate_config(cfg)
     trainer = Trainer(cfg, out)
     main = trainer.dist.is_main
     if main:
@@ -188,6 +190,10 @@ def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogg
     if logger is not None:
         plot_history(logger.history(), out, logger.step_history())
     plot_reliability(rel, out)
+    if trainer.cfg.robustness is not None:  # written to eval.json beside summary.json
+        from .robust import options_from_mapping, robust_evaluate
+
+        robust_evaluate(out, options_from_mapping(trainer.cfg.robustness), "last.pt", trainer.cfg.threads or None)
 
 
 def evaluate(path: str | Path, which: str = "last.pt") -> dict[str, Any]:

@@ -48,7 +48,11 @@ class StepModule(nn.Module):
         with self.timer("losses"):
             terms = self.method.losses(rec)
             for addon in self.addons:
-                terms.update(addon.losses(rec, self.method))
+                more = addon.losses(rec, self.method)
+                if set(more) & set(terms):
+                    raise PeerdistillError(f"add-on term {sorted(set(more) & set(terms))[0]!r} has the name of a "
+                                           f"term of method {type(self.method).__name__}: rename one of them")
+                terms.update(more)
             return terms, rec
 
 
@@ -186,7 +190,9 @@ class Trainer:
             def record(outputs: list[PeerOutput], extra: dict[str, list[PeerOutput | None]]) -> StepRecord:
                 t_peers, t_extra = teacher if teacher is not None else (None, {})
                 return StepRecord(views.peers, outputs, self.cohort.heads, self.num_classes, extra, ema_out,
-                                  t_peers, t_extra, self.epoch, self.step, self.steps_per_epoch, cfg.epochs)
+                                  t_peers, t_extra, {k: e.views for k, e in views.extra.items()}, self.epoch,
+                                  self.step, self.steps_per_epoch, cfg.epochs, self.optimizer.param_groups[0]["lr"],
+                                  cfg.optim.weight_decay)
 
             return step_fn(views, self.taps, record)
 

@@ -40,7 +40,9 @@ class Needs:
     """What a method asks of the engine.
 
     Attributes:
-        peers: number of networks; ``None`` takes the config's ``peers``.
+        peers: a fixed number of networks (a config ``peers`` that disagrees is refused); ``None``: the
+            config's ``peers``, or ``default_peers`` when the config leaves it unset.
+        default_peers: the cohort size when neither the method fixes it nor the config sets it.
         min_peers: smallest cohort the method makes sense for.
         topology: ``"independent"`` networks or ``"branched"`` (a shared trunk plus per-peer branches).
         split_after: for branched cohorts, the last shared stage (``None``: all stages but the last).
@@ -65,6 +67,7 @@ class Needs:
     """
 
     peers: int | None = None
+    default_peers: int = 2
     min_peers: int = 1
     topology: Literal["independent", "branched"] = "independent"
     split_after: str | None = None
@@ -91,6 +94,7 @@ class DataInfo:
     train_labels: Tensor  # (N,) int64, on the CPU
     in_channels: int
     image_size: tuple[int, int]
+    crop_padding: int = 4  # the dataset's standard random-crop padding (Fashion-MNIST 2, CIFAR 4)
 
 
 @dataclass
@@ -98,8 +102,9 @@ class StepRecord:
     """Everything the engine computed in one training step, handed to ``Method.losses``.
 
     ``outputs[i]`` is peer i's output (with gradient) on ``views[i]``; ``extra[name][i]`` its output on
-    the extra input ``name`` (``None`` where peer i skipped it); ``ema`` / ``teacher`` are no-grad outputs
-    of the EMA copy and the frozen teacher on the same peer views (``teacher_extra`` on the extra inputs).
+    the extra input ``extra_views[name][i]`` (``None`` where peer i skipped it); ``ema`` / ``teacher`` are
+    no-grad outputs of the EMA copy and the frozen teacher on the same peer views (``teacher_extra`` on
+    the extra inputs).
     """
 
     views: list[View]
@@ -110,10 +115,13 @@ class StepRecord:
     ema: list[PeerOutput] | None = None
     teacher: list[PeerOutput] | None = None
     teacher_extra: dict[str, list[PeerOutput | None]] = field(default_factory=dict)
+    extra_views: dict[str, list[View | None]] = field(default_factory=dict)
     epoch: int = 0
     step: int = 0  # global step
     steps_per_epoch: int = 1
     total_epochs: int = 1
+    lr: float = 0.0  # the optimizer's learning rate at this step
+    weight_decay: float = 0.0  # the config's weight decay (for methods that take virtual SGD steps)
 
     @property
     def labels(self) -> Tensor:

@@ -67,3 +67,90 @@ def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """(B,) entropy of softmax(logits / T) in nats."""
     logp = F.log_softmax(logits.float() / temperature, dim=1)
     return -(logp.exp() * logp).sum(1)
+
+
+def linear_ensemble_weights(logits: Sequence[Tensor], targets: Tensor, steps: int = 20) -> Tensor:
+    """(m,) weights on the simplex minimising ``CE(sum_i w_i z_i, q)`` on the batch (KDCL-Linear).
+
+    No gradient reaches the members. The objective is convex in ``w``; it is minimised by exponentiated
+    gradient (mirror descent on the simplex, from the uniform weights) with the closed-form gradient
+    ``g_i = mean_b <p_b - q_b, z_ib>`` and the step ``1 / max_i H_ii``, where ``H_ii = mean_b Var_{p_b}(z_ib)``
+    is the Hessian's diagonal: an upper bound of its l1-smoothness, so every step descends. A fixed
+    number of tensor-only steps: no host synchronisation.
+
+    Args:
+        logits: m tensors (B, K).
+        targets: (B, K) target probabilities (one-hot, or mixed labels under a mixer).
+        steps: mirror-descent iterations.
+    """
+    z = torch.stack([t.detach().float() for t in logits])  # (m, B, K)
+    q = targets.detach().float()
+    log_w = torch.full((z.shape[0],), -math.log(z.shape[0]), device=z.device)
+    for _ in range(steps):
+        p = torch.einsum("m,mbk->bk", log_w.exp(), z).softmax(1)  # (B, K)
+        grad = torch.einsum("bk,mbk->m", p - q, z) / z.shape[1]  # (m,)
+        mean_z = torch.einsum("bk,mbk->mb", p, z)  # (m, B)
+        curv = (torch.einsum("bk,mbk->mb", p, z * z) - mean_z * mean_z).mean(1)  # (m,) = H_ii
+        log_w = (log_w - grad / curv.max().clamp_min(1e-6)).log_softmax(0)
+    return log_w.exp()
+
+
+def min_logit_ensemble(logits: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """(B, K) KDCL-MinLogit: ``min_i (z_i - <q, z_i> 1)`` element-wise, no gradient.
+
+    With one-hot ``q`` each member's true-class logit is subtracted (the true class gets 0, every other
+    class its most negative margin over the members); a mixed ``q`` subtracts the label-weighted logit.
+    """
+    q = targets.detach().float()
+    shifted = [z.detach().float() - (z.detach().float() * q).sum(1, keepdim=True) for z in logits]
+    return torch.stack(shifted).amin(0)
+
+
+def kd_soft(student: Tensor, target_probs: Tensor, temperature: float = 1.0, weights: Tensor | None = None) -> Tensor:
+    """``T^2 * KL(q || softmax(s / T))`` with a probability target ``q`` (already softened at T, detached).
+
+    The form of :func:`kd_kl` for targets that are not one network's logits: mixed predictions
+    (``rec.peer_target``), ensembles of probabilities, stored temporal ensembles.
+
+    Args:
+        student: (B, K) logits that receive the gradient.
+        target_probs: (B, K) target probabilities (rows sum to 1); never receives a gradient.
+        temperature: softening temperature T of the student (the target is already softened).
+        weights: optional (B,) per-sample weights; the sum is still divided by B (as :func:`kd_kl`).
+    """
+    q = target_probs.detach().float()
+    log_ps = F.log_softmax(student.float() / temperature, dim=1)
+    per_sample = (torch.xlogy(q, q) - q * log_ps).sum(1)  # (B,); xlogy: 0 log 0 = 0
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean() * temperature ** 2
+
+
+def normalized_mse(student: Tensor, target: Tensor) -> Tensor:
+    """Squared L2 distance between per-sample L2-normalised feature maps (B, ...), in [0, 4]; batch mean.
+    The target is detached."""
+    s = F.normalize(student.float().flatten(1), dim=1)
+    t = F.normalize(target.detach().float().flatten(1), dim=1)
+    return (s - t).pow(2).sum(1).mean()
+
+
+def attention_transfer(student: Tensor, target: Tensor, p: float = 2.0, beta: float = 1000.0) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between (B, C, H, W) maps; target detached.
+
+    ``a(F) = normalize(mean_c |F_c|^p)`` over the H*W positions; the loss is
+    ``beta / 2 * mean_{b, hw} (a_s - a_t)^2``, the official code's ``at_loss`` with its CIFAR weight
+    ``beta = 1e3`` (szagoruyko/attention-transfer ``utils.py``). Channel-agnostic, so maps of different
+    widths (same H, W) compare.
+    """
+    def att(f: Tensor) -> Tensor:
+        return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)  # (B, H*W)
+
+    return beta / 2 * (att(student) - att(target.detach())).pow(2).mean()
+
+
+def channel_kl(student: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T^2 * KL`` between the channel softmaxes of two (B, C, H, W) maps at every position, summed over
+    channels, averaged over positions and batch; target detached."""
+    log_ps = F.log_softmax(student.float() / temperature, dim=1)
+    log_pt = F.log_softmax(target.detach().float() / temperature, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean() * temperature ** 2

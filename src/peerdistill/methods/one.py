@@ -58,7 +58,7 @@ class ONE(Method):
         super().__init__()
         self.temperature, self.weight, self.rampup_epochs = temperature, weight, rampup_epochs
         # The gated teacher combines the branches' logits on one input: one shared (mixed) view.
-        self.needs = Needs(min_peers=2, topology="branched", split_after=split_after or None)
+        self.needs = Needs(default_peers=3, min_peers=2, topology="branched", split_after=split_after or None)
         self.tap = ""
         self.gate_fc: nn.Linear | None = None
         self.gate_bn: nn.BatchNorm1d | None = None

@@ -27,6 +27,9 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
         raw: the mapping read from a run's ``config.yaml`` (of this or an older version).
     """
     defaults = Config().to_dict()
+    # Every config.yaml names its cohort size (the engine resolves the method's default before writing
+    # it); the only files without it are fakes and predate that default, when it was 2.
+    defaults["peers"] = 2
     cfg = _merge({k: v for k, v in defaults.items() if k not in REGISTRIES}, raw)
     for key, registry in REGISTRIES.items():  # a component is replaced whole, never merged with the default
         comp = _component(raw.get(key, defaults.get(key)))

@@ -1,0 +1,411 @@
+"""Robustness evaluation of a saved run (SD-Dropout's evaluations, methods.md §6.4): adversarial
+accuracy (FGSM, PGD), corruption accuracy (CIFAR-C families), OOD detection (MSP, ODIN, energy).
+
+Every evaluated head of the run's method is scored (``method.eval_heads``), in float32 with BN in
+eval mode. The attacked / scored function of a head is ``x -> eval_heads(cohort(normalise(x)))[head]``
+on [0, 1] images, so budgets are in pixel units. Results go to ``<run>/eval.json`` under the
+checkpoint and a key naming the settings, next to the plots ``robust_accuracy_eps.png`` and
+``ood_scores.png``; ``summary.json`` is never touched. :func:`robust_evaluate` is the entry point.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import config as C
+from ..data import ImageSet
+from ..errors import PeerdistillError, nearest
+from ..fileio import find_dataset_dir
+from ..metrics import corruptions as CR
+from ..metrics import ood as OOD
+from ..metrics.robustness import Attacked, fgsm, pgd
+from ..report.logger import write_json
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .ood_sets import ood_sets, subset
+from .trainer import Trainer
+
+ATTACKS = ("fgsm", "pgd")
+SCORES = ("msp", "odin", "energy")
+CIFAR_C = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
+
+
+@dataclass
+class RobustOptions:
+    """What to evaluate and how (the ``peerdistill eval`` options; defaults fit 3 minutes on 2 CPU cores
+    for a Fashion-MNIST ResNet-14)."""
+
+    adversarial: bool = False
+    corruptions: bool = False
+    ood: bool = False
+    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None  # None: 2.5 * eps / steps (Madry et al.)
+    pgd_random_start: bool = True
+    fgsm_authors: bool = False  # also the SD-Dropout authors' ART setting
+    authors_eps: float = 0.2
+    adv_limit: int = 500
+    families: list[str] = field(default_factory=lambda: list(CR.DEFAULT))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_limit: int = 500
+    corruption_source: str = "builtin"  # or "imagecorruptions" (ImageNet-C definitions)
+    corruptions_npy: str | None = None  # a folder of published <family>.npy + labels.npy
+    ood_data: list[str] = field(default_factory=lambda: ["auto"])
+    ood_root: str | None = None
+    ood_limit: int = 1000
+    scores: list[str] = field(default_factory=lambda: list(SCORES))
+    odin_temperature: float = OOD.ODIN_T
+    odin_eps: float = OOD.ODIN_EPS
+    odin_space: str = "pixel"  # "pixel": eps in [0, 1] units, as ODIN's code; "normalised": on the normalised tensor
+    energy_temperature: float = 1.0
+    heads: list[str] | None = None
+    seed: int = 0
+    batch_size: int = 250
+    plots: bool = True
+
+    def check(self) -> None:
+        """One-line errors for values no run could use (cross-option checks included)."""
+        if not (self.adversarial or self.corruptions or self.ood):
+            raise PeerdistillError("nothing to evaluate: give --robustness, --adversarial, --corruptions or --ood")
+        _members(self.attacks, ATTACKS, "attack")
+        _members(self.scores, SCORES, "OOD score")
+        self.families = CR.resolve_families(self.families)
+        positive = {"eps": min(self.eps, default=0), "--pgd-steps": self.pgd_steps, "--authors-eps": self.authors_eps,
+                    "--odin-temperature": self.odin_temperature, "--energy-temperature": self.energy_temperature,
+                    "--batch-size": self.batch_size, "--adv-limit": self.adv_limit, "--ood-limit": self.ood_limit,
+                    "--corruption-limit": self.corruption_limit, "--pgd-step-size": self.pgd_step_size or 1}
+        for name, v in positive.items():
+            if not v > 0:
+                raise PeerdistillError(f"{name} must be positive, got {v}")
+        if self.odin_eps < 0:
+            raise PeerdistillError(f"--odin-eps must be >= 0, got {self.odin_eps}")
+        if not self.severities or any(s not in range(1, 6) for s in self.severities):
+            raise PeerdistillError(f"--severities must be in 1..5, got {self.severities}")
+        _members([self.corruption_source], ("builtin", "imagecorruptions"), "corruption source")
+        _members([self.odin_space], ("pixel", "normalised"), "ODIN space")
+
+
+def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
+    """:class:`RobustOptions` from a mapping (a config section), e.g. ``{"adversarial": True, "limit": 500}``;
+    ``limit`` sets the three per-part limits. An unknown key is a one-line error naming the nearest."""
+    d = dict(d)
+    limit = d.pop("limit", None)
+    names = [f.name for f in fields(RobustOptions)]
+    for k in d:
+        if k not in names:
+            raise PeerdistillError(f"unknown robustness option {k!r}{nearest(k, [*names, 'limit'])}")
+    opt = RobustOptions(**d)
+    if limit is not None:
+        opt.adv_limit = opt.corruption_limit = opt.ood_limit = int(limit)
+    return opt
+
+
+def _members(values: list[str], allowed: tuple[str, ...], what: str) -> None:
+    for v in values:
+        if v not in allowed:
+            raise PeerdistillError(f"unknown {what} {v!r}{nearest(v, allowed)}; choose from {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------------------ the evaluated run
+class Evaluated:
+    """A loaded run: its heads as functions of [0, 1] images, its test set and its facts."""
+
+    def __init__(self, path: str | Path, which: str, threads: int | None = None) -> None:
+        self.ckpt_path = resolve_checkpoint(path, which)
+        cfg = C.from_dict(load_checkpoint(self.ckpt_path)["config"])
+        cfg.tensorboard, cfg.wandb = False, False
+        if threads is not None:
+            cfg.threads = threads
+        self.cfg, self.trainer = cfg, Trainer(cfg, None)
+        self.trainer.load(self.ckpt_path)
+        self.trainer.module.eval()
+        if self.trainer.ema is not None:
+            self.trainer.ema.module.eval()
+        aug = self.trainer.augment
+        dev = self.trainer.device
+        self.mean, self.std = aug.mean.to(dev).float(), aug.std.to(dev).float()
+        self.test: ImageSet = self.trainer.data.splits.test
+
+    @property
+    def run_dir(self) -> Path:
+        p = self.ckpt_path.parent
+        return p.parent if p.name == "checkpoints" else p
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def heads_of(self, x: Tensor, normalised: bool = False) -> dict[str, Tensor]:
+        """Every head's (B, K) output for (B, C, H, W) images in [0, 1] (or already normalised)."""
+        t = self.trainer
+        xn = x if normalised else self.normalise(x)
+        n = len(t.cohort)
+        outs = t.cohort([xn] * n, t.taps)
+        ema = t.ema.module([xn] * n, t.taps) if t.ema is not None else None
+        return t.method.eval_heads(outs, ema)
+
+    def head_fn(self, head: str, normalised: bool = False) -> Attacked:
+        return lambda x: self.heads_of(x, normalised)[head].float()
+
+    def head_names(self, wanted: list[str] | None) -> list[str]:
+        x = torch.zeros((1, *self.tensor(self.test.images[:1]).shape[1:]), device=self.trainer.device)
+        with torch.no_grad():
+            names = list(self.heads_of(x))
+        for h in wanted or []:
+            if h not in names:
+                raise PeerdistillError(f"unknown head {h!r}{nearest(h, names)}; this run has {', '.join(names)}")
+        return list(wanted) if wanted else names
+
+    def tensor(self, images: np.ndarray) -> Tensor:
+        """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1] on the run's device."""
+        return torch.from_numpy(np.ascontiguousarray(images)).to(self.trainer.device).permute(0, 3, 1, 2).float() / 255
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+@torch.no_grad()
+def accuracy(ev: Evaluated, images: np.ndarray, labels: np.ndarray, heads: list[str], bs: int) -> dict[str, float]:
+    """Top-1 (%) of every head on uint8 images."""
+    hits = dict.fromkeys(heads, 0)
+    y = torch.from_numpy(labels).to(ev.trainer.device)
+    for s in _batches(len(labels), bs):
+        out = ev.heads_of(ev.tensor(images[s]))
+        for h in heads:
+            hits[h] += int((out[h].argmax(1) == y[s]).sum())
+    return {h: 100.0 * v / max(len(labels), 1) for h, v in hits.items()}
+
+
+# ---------------------------------------------------------------------------------- adversarial
+def adversarial(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> dict[str, Any]:
+    """Accuracy (%) per attack, per head, per eps on a fixed test subset."""
+    idx = subset(len(ev.test), opt.adv_limit, opt.seed)
+    x_all, y_all = ev.tensor(ev.test.images[idx]), torch.from_numpy(ev.test.labels[idx]).to(ev.trainer.device)
+    res: dict[str, Any] = {"clean": accuracy(ev, ev.test.images[idx], ev.test.labels[idx], heads, opt.batch_size)}
+    for attack in opt.attacks:
+        res[attack] = {h: {_eps_key(e): _attacked_acc(ev, h, attack, e, x_all, y_all, opt, k)
+                           for k, e in enumerate(opt.eps)} for h in heads}
+    if opt.fgsm_authors:
+        res["fgsm_authors"] = {h: _authors_fgsm(ev, h, x_all, y_all, opt) for h in heads}
+    return res
+
+
+def _eps_key(eps: float) -> str:
+    return f"{eps * 255:g}/255"
+
+
+def _attacked_acc(ev: Evaluated, head: str, attack: str, eps: float, x: Tensor, y: Tensor,
+                  opt: RobustOptions, k: int) -> float:
+    f = ev.head_fn(head)
+    gen = torch.Generator().manual_seed(opt.seed * 1_000_003 + k)
+    hits = 0
+    for s in _batches(len(y), opt.batch_size):
+        if attack == "fgsm":
+            adv = fgsm(f, x[s], y[s], eps)
+        else:
+            adv = pgd(f, x[s], y[s], eps, opt.pgd_steps, opt.pgd_step_size, opt.pgd_random_start, gen=gen)
+        with torch.no_grad():
+            hits += int((f(adv).argmax(1) == y[s]).sum())
+    return 100.0 * hits / len(y)
+
+
+def _authors_fgsm(ev: Evaluated, head: str, x: Tensor, y: Tensor, opt: RobustOptions) -> float:
+    """IBM ART ``FastGradientMethod(eps)`` as ``_3_adv_robust.py`` calls it: on the *normalised* tensor,
+    against the model's own predictions (ART's default without labels), clipped to (0, 1)."""
+    f = ev.head_fn(head, normalised=True)
+    hits = 0
+    for s in _batches(len(y), opt.batch_size):
+        xn = ev.normalise(x[s])
+        with torch.no_grad():
+            pred = f(xn).argmax(1)
+        with torch.no_grad():
+            hits += int((f(fgsm(f, xn, pred, opt.authors_eps, clip=(0.0, 1.0))).argmax(1) == y[s]).sum())
+    return 100.0 * hits / len(y)
+
+
+# ---------------------------------------------------------------------------------- corruptions
+def corruptions(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> dict[str, Any]:
+    """Top-1 (%) per family and severity, per head; mCA = mean over families of the severity mean."""
+    idx = subset(len(ev.test), opt.corruption_limit, opt.seed)
+    npy = _npy_folder(ev, opt)
+    per: dict[str, Any] = {}
+    for fam in opt.families:
+        source, sets = _corrupted(ev, opt, fam, idx, npy)
+        accs = [accuracy(ev, im, lab, heads, opt.batch_size) for im, lab in sets]
+        per[fam] = {"source": source, **{h: {"severity": {str(s): a[h] for s, a in zip(opt.severities, accs)},
+                                             "mean": float(np.mean([a[h] for a in accs]))} for h in heads}}
+    mca = {h: float(np.mean([per[f][h]["mean"] for f in opt.families])) for h in heads}
+    return {"clean": accuracy(ev, ev.test.images[idx], ev.test.labels[idx], heads, opt.batch_size),
+            "mca": mca, "families": per}
+
+
+def _npy_folder(ev: Evaluated, opt: RobustOptions) -> Path | None:
+    """The published CIFAR-C folder: given, or found for a CIFAR run under the data roots."""
+    if opt.corruptions_npy:
+        folder = Path(opt.corruptions_npy)
+        if not (folder / "labels.npy").is_file():
+            raise PeerdistillError(f"--corruptions-npy {folder}: no labels.npy there")
+        return _npy_fits(ev, folder)
+    name = CIFAR_C.get(ev.cfg.data.name)
+    if name is None:
+        return None
+    try:
+        return _npy_fits(ev, find_dataset_dir(name, ev.cfg.data.root, lambda d: (d / "labels.npy").is_file(), ""))
+    except PeerdistillError:
+        return None
+
+
+def _npy_fits(ev: Evaluated, folder: Path) -> Path:
+    if ev.cfg.data.holdout_classes:
+        raise PeerdistillError("published corruption files hold every class; this run holds classes out "
+                               "(data.holdout_classes): use the generated corruptions")
+    return folder
+
+
+def _corrupted(ev: Evaluated, opt: RobustOptions, fam: str, idx: np.ndarray,
+               npy: Path | None) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+    if npy is not None and (npy / f"{fam}.npy").is_file():
+        sets = CR.read_npy_corruption(npy, fam, idx)
+        shape = ev.test.images.shape[1:]
+        if sets[0][0].shape[1:] != shape:
+            raise PeerdistillError(f"{npy / fam}.npy holds {sets[0][0].shape[1:]} images; the run's are {shape}")
+        return f"npy:{npy}", [sets[s - 1] for s in opt.severities]
+    if opt.corruptions_npy:
+        raise PeerdistillError(f"--corruptions-npy {npy}: no {fam}.npy there (choose families with --families)")
+    fn = CR.corrupt if opt.corruption_source == "builtin" else CR.imagecorruptions_corrupt
+    images, labels = ev.test.images[idx], ev.test.labels[idx]
+    return opt.corruption_source, [(fn(images, fam, s, opt.seed, idx), labels) for s in opt.severities]
+
+
+# -------------------------------------------------------------------------------------------- OOD
+def ood(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Detection metrics per OOD set, head and score; also the raw scores (for the histogram plot)."""
+    sets = ood_sets(opt.ood_data, ev.cfg.data.name, ev.test, ev.trainer.data.splits.meta, opt.ood_limit, opt.seed,
+                    opt.ood_root)  # first: a bad set name costs no scoring
+    idx = subset(len(ev.test), opt.ood_limit, opt.seed)
+    in_scores = {h: _scores(ev, ev.test.images[idx], h, opt) for h in heads}
+    res: dict[str, Any] = {"in_distribution": f"{ev.cfg.data.name} test ({len(idx)} images)"}
+    raw: dict[str, Any] = {"in": in_scores, "out": {}}
+    for name, images in sets.items():
+        raw["out"][name] = {h: _scores(ev, images, h, opt) for h in heads}
+        res[name] = {"images": len(images), **{h: {s: _metrics(in_scores[h][s], raw["out"][name][h][s])
+                                                    for s in opt.scores} for h in heads}}
+    return res, raw
+
+
+def _odin_step(ev: Evaluated, opt: RobustOptions) -> Tensor | float:
+    """ODIN perturbs [0, 1] images by eps (= eps/std on the normalised tensor, as ODIN's code divides the
+    signed gradient by the std); ``normalised``: eps on the normalised tensor itself (the paper's formula
+    read literally), i.e. eps*std in pixel units."""
+    return 1.0 if opt.odin_space == "pixel" else ev.std
+
+
+def _scores(ev: Evaluated, images: np.ndarray, head: str, opt: RobustOptions) -> dict[str, np.ndarray]:
+    f, step = ev.head_fn(head), _odin_step(ev, opt)
+    out: dict[str, list[np.ndarray]] = {s: [] for s in opt.scores}
+    for s in _batches(len(images), opt.batch_size):
+        got = OOD.scores(f, ev.tensor(images[s]), opt.scores, opt.odin_temperature, opt.odin_eps, step,
+                         opt.energy_temperature)
+        for name, v in got.items():
+            out[name].append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float] | None:
+    if np.isnan(s_in).any() or np.isnan(s_out).any():
+        return None  # energy of a head that outputs log-probabilities (an ensemble): not defined
+    return OOD.detection_metrics(s_in, s_out)
+
+
+# ------------------------------------------------------------------------------------- the driver
+def settings_key(settings: dict[str, Any]) -> str:
+    """A readable, deterministic name of the settings an evaluation ran with."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "+".join(fmt(i) for i in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    return ",".join(f"{k}={fmt(v)}" for k, v in settings.items() if v is not None)
+
+
+def _settings(opt: RobustOptions, part: str) -> dict[str, Any]:
+    d = asdict(opt)
+    common = {"seed": d["seed"]}
+    if part == "adversarial":
+        keep = ["attacks", "adv_limit", "pgd_steps", "pgd_step_size", "pgd_random_start", "fgsm_authors"]
+        extra = {"eps_255": [round(e * 255, 6) for e in opt.eps],
+                 "authors_eps": opt.authors_eps if opt.fgsm_authors else None}
+    elif part == "corruptions":
+        keep, extra = ["families", "severities", "corruption_limit", "corruption_source", "corruptions_npy"], {}
+    else:
+        keep = ["ood_data", "ood_root", "ood_limit", "scores", "odin_temperature", "odin_eps", "odin_space",
+                "energy_temperature"]
+        extra = {}
+    return {**{k: d[k] for k in keep}, **extra, **common}
+
+
+def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = "last.pt",
+                    threads: int | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate a run directory (or checkpoint) and record the results in its ``eval.json``.
+
+    Returns ``{"checkpoint", "epoch", "run_dir", "heads", "<part>": {"key", "settings", "seconds",
+    "results"}}`` for each part evaluated (``adversarial``, ``corruptions``, ``ood``).
+    """
+    options.check()
+    ev = Evaluated(path, checkpoint, threads)
+    heads = ev.head_names(options.heads)
+    out: dict[str, Any] = {"checkpoint": str(ev.ckpt_path), "epoch": ev.trainer.epoch,
+                           "run_dir": str(ev.run_dir), "heads": heads}
+    raw_ood = None
+    for part, fn in (("adversarial", adversarial), ("corruptions", corruptions), ("ood", ood)):
+        if not getattr(options, part):
+            continue
+        if echo is not None:
+            echo(f"evaluating {part} ...")
+        t0 = time.perf_counter()
+        results = fn(ev, options, heads)
+        if part == "ood":
+            results, raw_ood = results
+        settings = _settings(options, part)
+        out[part] = {"key": settings_key(settings), "settings": settings,
+                     "seconds": round(time.perf_counter() - t0, 2), "results": results}
+    record(ev, out)
+    if options.plots:
+        _plots(ev.run_dir, out, raw_ood)
+    return out
+
+
+def record(ev: Evaluated, out: dict[str, Any]) -> Path:
+    """Merge into ``<run>/eval.json``: ``checkpoints.<file>.<part>.<settings key>`` (atomic write)."""
+    path = ev.run_dir / "eval.json"
+    try:
+        store = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        store = {}  # an unreadable file is replaced, not a reason to lose this evaluation
+    entry = store.setdefault("checkpoints", {}).setdefault(ev.ckpt_path.name, {})
+    entry["epoch"] = out["epoch"]
+    for part in ("adversarial", "corruptions", "ood"):
+        if part in out:
+            res = out[part]
+            entry.setdefault(part, {})[res["key"]] = {
+                "settings": res["settings"], "results": res["results"], "seconds": res["seconds"],
+                "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(path, store)
+    return path
+
+
+def _plots(run_dir: Path, out: dict[str, Any], raw_ood: dict[str, Any] | None) -> None:
+    from ..report.robust_plots import plot_accuracy_eps, plot_ood_scores
+
+    if "adversarial" in out:
+        plot_accuracy_eps(out["adversarial"]["results"], run_dir / "robust_accuracy_eps.png")
+    if raw_ood is not None:
+        plot_ood_scores(raw_ood, run_dir / "ood_scores.png")

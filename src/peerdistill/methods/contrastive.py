@@ -1,0 +1,167 @@
+"""Contrastive maths of MCL and L-MCL (methods.md §3): SupCon over a logit matrix, the in-batch masks,
+the projection head, and the four terms VCL / ICL / Soft VCL / Soft ICL for in-batch and memory-bank
+contrast. Pure functions plus one small module; float32 even under autocast.
+
+Notation: ``v`` holds L2-normalised embeddings, ``S_pq = v_p v_q^T / tau`` is the logit matrix of anchor
+embedding set p against contrast set q, and for a logit matrix S with positive mask P and denominator
+mask D (methods.md §3.1)::
+
+    l(S) = -(1/B) sum_i w_i (1/|P_i|) sum_j P_ij (S_ij - log sum_k D_ik exp S_ik)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import kd_kl
+
+TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
+
+
+def f32(x: Tensor) -> Tensor:
+    """float32 for half / bfloat16 / float32 inputs; float64 stays float64 (exact gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class ProjectionHead(nn.Module):
+    """``Linear(d, f) -> ReLU -> Linear(f, f) -> L2-normalise`` (MCL's ``Embed``; f = 128)."""
+
+    def __init__(self, dim_in: int, dim_out: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_in, dim_out), nn.ReLU(inplace=True), nn.Linear(dim_out, dim_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(f32(self.net(x)), dim=1)  # (B, f)
+
+
+def supcon(logits: Tensor, pos: Tensor, denom: Tensor, weights: Tensor | None = None) -> Tensor:
+    """SupCon loss of logit rows: ``l(S)`` above, averaged over the rows.
+
+    Args:
+        logits: (R, K) logit rows.
+        pos: (R, K) or broadcastable bool mask of the positives of each row.
+        denom: bool mask of the entries in each row's softmax denominator.
+        weights: optional (R,) per-row weights (L-MCL's layer-matching weights); still divided by R.
+
+    A row without positives contributes 0 (the reference code would give NaN; the m-per-class sampler
+    guarantees at least one).
+    """
+    s = f32(logits)
+    log_z = torch.logsumexp(s.masked_fill(~denom, float("-inf")), dim=1, keepdim=True)  # (R, 1)
+    pos = pos.expand_as(s).float()
+    per_row = (pos * (s - log_z)).sum(1) / pos.sum(1).clamp_min(1.0)  # (R,) mean log-prob of positives
+    if weights is not None:
+        per_row = per_row * weights
+    return -per_row.mean()
+
+
+def batch_masks(labels: Tensor, include_self: bool = False) -> tuple[Tensor, Tensor]:
+    """(B, B) positive and denominator masks of in-batch contrast.
+
+    ``include_self=False`` (the MCL code, for VCL and ICL alike): positives ``P_ij = [y_i = y_j] - [i = j]``,
+    denominator ``D_ij = 1 - [i = j]``, so the anchor's own column is neither positive nor negative.
+    ``include_self=True`` (ICL option): the diagonal, i.e. the same image seen by the other network, is a
+    positive and in the denominator.
+    """
+    same = labels.view(-1, 1) == labels.view(1, -1)  # (B, B)
+    if include_self:
+        return same, torch.ones_like(same)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~eye
+
+
+def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temperature: float,
+                    terms: tuple[str, ...] = TERMS, weights: Tensor | None = None, vcl_once: bool = False,
+                    instance_positive: bool = False) -> dict[str, Tensor]:
+    """In-batch VCL / ICL / Soft VCL / Soft ICL summed over embedding pairs (unweighted by alpha..lambda).
+
+    For every pair (p, q) of ``pairs`` (methods.md §3.1, §3.2):
+
+    * ICL: ``l(S_pq) + l(S_qp)``;  Soft ICL: ``KD_T(S_pq <- sg S_qp) + KD_T(S_qp <- sg S_pq)``;
+    * VCL: ``l(S_pp) + l(S_qq)`` (``vcl_once``: ``sum_p l(S_pp)`` over the embedding sets instead, MCL's
+      form); Soft VCL: ``KD_T(S_pp <- sg S_qq) + KD_T(S_qq <- sg S_pp)``.
+
+    KD_T is :func:`kd_kl` over full rows (self-similarity included) at temperature T on top of ``/tau``.
+
+    Args:
+        v: (M, B, f) normalised embedding sets.
+        pairs: (P, 2) long indices of the pairs (p, q), p != q.
+        labels: (B,) labels defining the positives.
+        tau: contrastive temperature.
+        temperature: T of the soft terms.
+        terms: which of :data:`TERMS` to compute (the others are skipped).
+        weights: optional (P, B) weights of each pair's anchor rows (L-MCL layer matching).
+        vcl_once: count each embedding set's VCL once, unweighted (MCL) instead of once per pair.
+        instance_positive: for ICL, count the same image in the other set as a positive.
+    """
+    n_pairs, b = pairs.shape[0], v.shape[1]
+    sim = torch.einsum("pbd,qcd->pqbc", f32(v), f32(v)) / tau  # (M, M, B, B)
+    p, q = pairs[:, 0], pairs[:, 1]
+    w2 = None if weights is None else torch.cat([weights, weights]).reshape(-1)  # (2P*B,)
+    self_pos, self_den = batch_masks(labels)
+    out: dict[str, Tensor] = {}
+    if "icl" in terms or "soft_icl" in terms:
+        cross = torch.cat([sim[p, q], sim[q, p]]).reshape(-1, b)  # (2P*B, B): rows S_pq then S_qp
+        if "icl" in terms:
+            pos, den = batch_masks(labels, instance_positive)
+            out["icl"] = 2 * n_pairs * supcon(cross, pos.repeat(2 * n_pairs, 1), den.repeat(2 * n_pairs, 1), w2)
+        if "soft_icl" in terms:
+            target = torch.cat([sim[q, p], sim[p, q]]).reshape(-1, b)
+            out["soft_icl"] = 2 * n_pairs * kd_kl(cross, target, temperature, weights=w2)
+    if "vcl" in terms or "soft_vcl" in terms:
+        within = torch.cat([sim[p, p], sim[q, q]]).reshape(-1, b)  # rows S_pp then S_qq
+        if "vcl" in terms and vcl_once:
+            m = v.shape[0]
+            diag = sim[torch.arange(m), torch.arange(m)].reshape(-1, b)  # (M*B, B)
+            out["vcl"] = m * supcon(diag, self_pos.repeat(m, 1), self_den.repeat(m, 1))
+        elif "vcl" in terms:
+            out["vcl"] = 2 * n_pairs * supcon(within, self_pos.repeat(2 * n_pairs, 1),
+                                              self_den.repeat(2 * n_pairs, 1), w2)
+        if "soft_vcl" in terms:
+            target = torch.cat([sim[q, q], sim[p, p]]).reshape(-1, b)
+            out["soft_vcl"] = 2 * n_pairs * kd_kl(within, target, temperature, weights=w2)
+    return out
+
+
+def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature: float,
+                  terms: tuple[str, ...] = TERMS) -> dict[str, Tensor]:
+    """Memory-bank VCL / ICL / Soft VCL / Soft ICL (MCL's ImageNet form, ``imagenet_sup_mcl_loss.py``).
+
+    ``idx[:, 0]`` is each anchor's own dataset index, ``idx[:, 1]`` one same-class index, the rest
+    different-class negatives. With ``L_ij = M_i[idx] . v_j / tau`` (bank of network i, live embedding of
+    network j), for i < j: ICL ``l(L_ij) + l(L_ji)`` with positives = the first two entries;
+    Soft ICL ``KD_T(L_ij <- sg L_ji) + KD_T(L_ji <- sg L_ij)``; for every m: VCL ``l(L_mm[:, 1:])`` with the
+    same-class entry as the positive; for i != j: Soft VCL ``KD_T(L_ii[:, 1:] <- sg L_jj[:, 1:])``.
+
+    Args:
+        v: (n, B, f) live normalised embeddings.
+        banks: (n, N, f) memory banks (no gradient).
+        idx: (B, 2 + K) long dataset indices.
+        tau, temperature, terms: as :func:`mutual_contrast`.
+    """
+    n, b, f = v.shape
+    mem = banks[:, idx.reshape(-1)].view(n, b, -1, f).detach()  # (n, B, 2+K, f)
+    logits = torch.einsum("ibkf,jbf->ijbk", f32(mem), f32(v)) / tau  # (n, n, B, 2+K)
+    i, j = torch.triu_indices(n, n, 1, device=v.device)
+    out: dict[str, Tensor] = {}
+    if "icl" in terms or "soft_icl" in terms:
+        cross = torch.cat([logits[i, j], logits[j, i]]).reshape(-1, logits.shape[-1])  # (2P*B, 2+K)
+        if "icl" in terms:
+            pos = torch.zeros_like(cross[:1], dtype=torch.bool)
+            pos[:, :2] = True  # own index and the same-class index
+            out["icl"] = 2 * len(i) * supcon(cross, pos, torch.ones_like(pos))
+        if "soft_icl" in terms:
+            target = torch.cat([logits[j, i], logits[i, j]]).reshape(cross.shape)
+            out["soft_icl"] = 2 * len(i) * kd_kl(cross, target, temperature)
+    within = logits[torch.arange(n), torch.arange(n), :, 1:]  # (n, B, 1+K): own index left out
+    if "vcl" in terms:
+        rows = within.reshape(-1, within.shape[-1])
+        pos = torch.zeros_like(rows[:1], dtype=torch.bool)
+        pos[:, 0] = True
+        out["vcl"] = n * supcon(rows, pos, torch.ones_like(pos))
+    if "soft_vcl" in terms:
+        a, c = torch.cat([i, j]), torch.cat([j, i])  # every ordered pair a != c
+        out["soft_vcl"] = len(a) * kd_kl(within[a].reshape(-1, within.shape[-1]),
+                                         within[c].reshape(-1, within.shape[-1]), temperature)
+    return out

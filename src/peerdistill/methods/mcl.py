@@ -1,0 +1,157 @@
+"""MCL: mutual contrastive learning for online KD (Yang et al., AAAI 2022 / TPAMI 2023; methods.md §3.1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.samplers import MPerClassSampler, Sampler
+from ..errors import PeerdistillError
+from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
+from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
+from .functional import kd_kl, mean_logits
+
+
+@METHODS.register("mcl")
+class MCL(Method):
+    """N peers, each with a projection head (pooled feature -> 128-d unit vector), trained with CE plus
+    contrastive terms within (VCL) and across (ICL) networks and the transfer of contrastive
+    distributions (Soft VCL / Soft ICL): ``L = sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL``.
+
+    In-batch form (``contrast=batch``, the CIFAR code ``cifar_sup_mcl_loss.py``): batches of 2 images per
+    class (``MPerClassSampler``), SupCon masks of the code (positives = same class minus self; for ICL the
+    same masks, so the same image seen by the other network is neither positive nor negative;
+    ``instance_positive=true`` counts it as a positive), tau = 0.1. Memory-bank form (``contrast=bank``,
+    the ImageNet code): one N x 128 bank per network, positives = own index + one same-class index,
+    ``neg_k`` different-class negatives, tau = 0.07, momentum-0.5 bank update after the optimizer step.
+    Sums run over networks / pairs and are not averaged (code). Terms named ``ce{i}``, ``vcl``, ``icl``,
+    ``soft_vcl``, ``soft_icl`` (+ ``kd{i}``); a zero weight skips its term.
+
+    ``logit_distill=true`` adds ``KD_T(z_m <- sg(mean_j z_j))`` for both nets of a pair, or only for the
+    last net of a larger cohort (code ``--logit-distill``). ``share=stage1`` shares the stem and stage 1
+    across the peers (the code's MCL(x4) networks); the default is independent networks (MCL(x2)).
+    Under a mixer the CE is mixed and the contrastive positives use each row's own (unmixed) label.
+    Evaluated heads: each peer, ``ensemble`` (mean probabilities) and ``logit_ensemble`` (mean logits:
+    the code's sum-of-logits ensemble, same top-1).
+
+    Args:
+        alpha: weight of VCL. beta: of ICL. gamma: of Soft VCL. lam: of Soft ICL.
+        tau: contrastive temperature; default 0.1 in-batch, 0.07 with the bank.
+        temperature: T of the soft terms (on top of /tau) and of the logit KD.
+        feat_dim: projection width.
+        contrast: ``batch`` (SupCon in the batch) or ``bank`` (memory bank).
+        instance_positive: ICL counts the other network's view of the same image as a positive.
+        logit_distill: add the code's logit distillation from the detached mean-logit ensemble.
+        share: last stage shared by the peers (e.g. ``stage1``); empty = independent networks.
+        neg_k: bank negatives per sample (code 8192; the README reports 4096 works as well).
+        bank_momentum: bank update ``M[i] <- normalise(m M[i] + (1 - m) v_i)``.
+    """
+
+    def __init__(self, alpha: NonNegative = 0.1, beta: NonNegative = 0.1, gamma: NonNegative = 1.0,
+                 lam: NonNegative = 1.0, tau: Positive | None = None, temperature: Positive = 3.0,
+                 feat_dim: PositiveInt = 128, contrast: Literal["batch", "bank"] = "batch",
+                 instance_positive: bool = False, logit_distill: bool = False, share: str = "",
+                 neg_k: PositiveInt = 8192, bank_momentum: Decay = 0.5) -> None:
+        super().__init__()
+        if contrast == "bank" and instance_positive:
+            raise PeerdistillError("method.instance_positive applies to contrast=batch; the bank's ICL "
+                                   "already counts the own index as a positive")
+        self.weights = dict(zip(TERMS, (alpha, beta, gamma, lam)))
+        self.tau = tau if tau is not None else (0.1 if contrast == "batch" else 0.07)  # code defaults
+        self.temperature, self.feat_dim, self.contrast = temperature, feat_dim, contrast
+        self.instance_positive, self.logit_distill = instance_positive, logit_distill
+        self.neg_k, self.bank_momentum = neg_k, bank_momentum
+        # In-batch SupCon needs same-class partners in every batch: the code's MPerClassSampler(m=2).
+        sampler = MPerClassSampler(2) if contrast == "batch" else Sampler()
+        self.needs = Needs(min_peers=2, topology="branched" if share else "independent",
+                           split_after=share or None, sampler=sampler)
+        self.proj = nn.ModuleList()
+        self.seed = 0
+        self._pending: tuple[Tensor, Tensor] | None = None  # (index, v) for the bank update after the step
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(t for t in TERMS if self.weights[t] > 0)
+
+    def setup(self, cohort: nn.Module, data: DataInfo) -> None:
+        self.proj = nn.ModuleList(ProjectionHead(net.num_features, self.feat_dim) for net in cohort.nets)
+        if self.contrast == "bank":
+            self._setup_bank(len(cohort), data)
+
+    def _setup_bank(self, n: int, data: DataInfo) -> None:
+        """Banks U(-s, s), s = 1/sqrt(f/3) (code ``ContrastMemory``), and class-sorted index tables."""
+        labels = data.train_labels.long()
+        counts = torch.bincount(labels, minlength=data.num_classes)
+        if int(counts[counts > 0].min()) < 2:
+            raise PeerdistillError("method 'mcl' with contrast=bank needs at least 2 training images per class")
+        self.seed = torch.initial_seed()  # the run's seed (seed_everything ran before setup)
+        g = torch.Generator().manual_seed(self.seed)
+        s = 1.0 / math.sqrt(self.feat_dim / 3)
+        self.register_buffer("banks", torch.rand(n, data.train_size, self.feat_dim, generator=g) * (2 * s) - s)
+        order = torch.argsort(labels, stable=True)
+        for name, t in (("labels", labels), ("order", order), ("start", torch.cumsum(counts, 0) - counts),
+                        ("count", counts), ("rank", torch.empty_like(order).scatter_(0, order, torch.arange(len(order))))):
+            self.register_buffer(f"cls_{name}", t, persistent=False)  # derived from the data, not saved
+
+    def draw_indices(self, index: Tensor, step: int) -> Tensor:
+        """(B, 2 + neg_k) bank indices: own, one same-class other index, ``neg_k`` different-class ones
+        (with replacement), from a generator seeded by (run seed, step, rank), so resume is exact."""
+        rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+        g = torch.Generator(device=index.device).manual_seed((self.seed * 1_000_003 + step * 7919 + rank) % 2**63)
+        y = self.cls_labels[index]
+        start, cnt, n = self.cls_start[y], self.cls_count[y], self.cls_labels.numel()
+        u = torch.rand(len(index), 1 + self.neg_k, generator=g, device=index.device)
+        pos = start + torch.minimum((u[:, 0] * (cnt - 1)).long(), cnt - 2)  # class positions but one
+        pos = pos + (pos >= self.cls_rank[index]).long()  # ... skipping the anchor's own position
+        span = (n - cnt).unsqueeze(1)
+        neg = torch.minimum((u[:, 1:] * span).long(), span - 1)  # positions outside the class block
+        neg = neg + cnt.unsqueeze(1) * (neg >= start.unsqueeze(1)).long()
+        return torch.cat([index.unsqueeze(1), self.cls_order[pos].unsqueeze(1), self.cls_order[neg]], 1)
+
+    def losses(self, rec: StepRecord) -> dict[str, Tensor]:
+        out, n = rec.outputs, len(rec.outputs)
+        terms: dict[str, Tensor] = {f"ce{i}": rec.ce(o.logits, i) for i, o in enumerate(out)}
+        if self.logit_distill:
+            z_bar = mean_logits([o.logits for o in out]).detach()
+            for i in (range(n) if n == 2 else [n - 1]):  # code: both of a pair, else only the last net
+                terms[f"kd{i}"] = kd_kl(out[i].logits, z_bar, self.temperature)
+        if not self.active:
+            return terms
+        v = torch.stack([head(o.embedding) for head, o in zip(self.proj, out)])  # (n, B, f)
+        if self.contrast == "bank":
+            raw = bank_contrast(v, self.banks, self.draw_indices(rec.index, rec.step), self.tau, self.temperature,
+                                self.active)
+            self._pending = (rec.index, v.detach())
+        else:
+            pairs = torch.triu_indices(n, n, 1, device=v.device).T  # a < b
+            raw = mutual_contrast(v, pairs, rec.labels, self.tau, self.temperature, self.active, vcl_once=True,
+                                  instance_positive=self.instance_positive)
+        terms.update({k: self.weights[k] * raw[k] for k in self.active})
+        return terms
+
+    @torch.no_grad()
+    def update(self, rec: StepRecord) -> None:
+        """Bank update with this step's embeddings (all ranks' rows under torchrun, so banks agree)."""
+        if self._pending is None:
+            return
+        index, v = self._pending
+        self._pending = None
+        if tdist.is_available() and tdist.is_initialized():
+            index, v = _all_gather(index, 0), _all_gather(v, 1)
+        mu = self.bank_momentum
+        self.banks[:, index] = F.normalize(mu * self.banks[:, index] + (1 - mu) * v, dim=2)
+
+    def eval_heads(self, outputs: list[PeerOutput], ema: list[PeerOutput] | None = None) -> dict[str, Tensor]:
+        heads = super().eval_heads(outputs, ema)
+        heads["logit_ensemble"] = mean_logits([o.logits for o in outputs])
+        return heads
+
+
+def _all_gather(t: Tensor, dim: int) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim)

@@ -1,0 +1,263 @@
+"""T. stddev (Good-DA-in-KD, Wang et al., NeurIPS 2022; methods.md §5.4): the stddev of the teacher's
+mean probability, a teacher-only proxy for how good an augmentation is for KD (lower is better).
+
+Exactly as the authors' ``check_ce_var`` loop [CODE helper/loops.py]: every iteration appends the
+teacher's softmax at T = 1 on the original batch and on its augmented copy (batch 64 each); every
+5 iterations the buffered 640 probabilities are averaged into one group mean p̄^(n) in R^C; then
+
+    T. stddev = (1/C) sum_c std_n(p̄_c^(n))     (unbiased std over the N group means)
+
+over 10 epochs of the training set (about 1 560 groups on CIFAR). The mean teacher entropy over every
+sample seen (both halves) is reported too. The driver runs the teacher only (eval mode, no gradient,
+the run's autocast precision) on the device-resident data, and shares each iteration's original half
+and its teacher forward across all the augmentations compared (common random numbers: the ranking
+does not depend on which augmentations run together, and costs one extra forward per augmentation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+import yaml
+from tqdm import tqdm
+
+from .. import config as C
+from ..data.augmentations import PAPER_AUGS, Augmentation, aug_label, build_augmentation, parse_aug_spec
+from ..data.loader import DeviceLoader, to_device
+from ..data.views import ViewContext
+from ..errors import PeerdistillError
+
+
+def t_stddev(prob_groups: Tensor) -> float:
+    """T. stddev of (N, C) group-mean probabilities: the mean over classes of the unbiased std over groups."""
+    if prob_groups.dim() != 2 or prob_groups.shape[0] < 2:
+        raise PeerdistillError(f"T. stddev needs at least 2 groups of probabilities, got shape "
+                               f"{tuple(prob_groups.shape)}"
+                               f" (train on more batches: more epochs or a smaller group)")
+    return float(prob_groups.double().std(0, unbiased=True).mean())
+
+
+class GroupMeans:
+    """Accumulates an augmentation's teacher probabilities into group means of ``group_iters`` iterations."""
+
+    def __init__(self, group_iters: int) -> None:
+        self.group_iters = group_iters
+        self.means: list[Tensor] = []
+        self._sum: Tensor | None = None  # (C,) float64 sum of the open group's probabilities
+        self._rows, self._iters = 0, 0
+        self.entropy_sum: Tensor | None = None
+        self.samples = 0
+
+    def add(self, *probs: Tensor) -> None:
+        """One iteration's probabilities: each (B_i, C) (the original half, then the augmented half)."""
+        p = torch.cat(probs).double()
+        s, ent = p.sum(0), -(p * p.clamp_min(1e-30).log()).sum()
+        self._sum = s if self._sum is None else self._sum + s
+        self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
+        self._rows, self.samples, self._iters = self._rows + p.shape[0], self.samples + p.shape[0], self._iters + 1
+        if self._iters == self.group_iters:
+            self.means.append(self._sum / self._rows)
+            self._sum, self._rows, self._iters = None, 0, 0
+
+    def result(self) -> dict[str, float]:
+        return {"t_stddev": t_stddev(torch.stack(self.means)), "entropy": float(self.entropy_sum) / self.samples,
+                "groups": len(self.means)}
+
+
+@dataclass
+class TStdDevOptions:
+    """How to compute T. stddev (defaults: the paper's code).
+
+    Attributes:
+        epochs: passes over the training split (10).
+        batch_size: original images per iteration (64; the augmented half has as many).
+        group_iters: iterations per group mean (5: 640 probabilities per group with an augmentation).
+        temperature: softmax temperature of the probabilities (1).
+        seed: seed of the batch order and of every augmentation's draws.
+        precision: autocast precision; ``None``: the teacher run's (``auto``: bf16 where native).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        threads: CPU threads (0: torch's default).
+        teacher_peer: which peer of the teacher run is the teacher.
+        student: run directory or checkpoint of a student, for student-scored pickers (frozen, eval
+            mode, as the code's ``--fix_student``).
+        student_peer: which peer of the student run.
+        overrides: ``data.*=value`` changes to the teacher run's data config (root, train_subset, ...).
+        progress: show a progress bar (on a terminal).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    group_iters: int = 5
+    temperature: float = 1.0
+    seed: int = 0
+    precision: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    teacher_peer: int = 0
+    student: str | None = None
+    student_peer: int = 0
+    overrides: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class _Entry:
+    label: str
+    aug: Augmentation | None  # None: no augmentation (the original batch only, 5 x 64 per group)
+    acc: GroupMeans
+    gen: torch.Generator = field(default_factory=torch.Generator)  # this augmentation's own draws
+    ctx: ViewContext | None = None
+
+
+def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> dict[str, Any]:
+    """T. stddev of every augmentation spec (``name`` or ``name:key=value,...``; ``none`` for the original
+    batch alone) for one teacher; ``augs`` empty or ``None``: the paper's list. Returns the JSON record."""
+    from ..engine.build import load_splits, load_teacher, make_augment
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.precision import resolve_device, resolve_precision
+
+    _check_options(opts)
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    cfg = _teacher_config(load_checkpoint(teacher, prefer="best.pt")["config"], opts.overrides)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision or cfg.precision, device)
+    splits = load_splits(cfg)
+    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+    k, c = splits.num_classes, splits.train.images.shape[-1]
+    fmt = torch.channels_last
+    t_net = load_teacher(teacher, opts.teacher_peer, k, c).to(device, memory_format=fmt)
+    s_net = load_teacher(opts.student, opts.student_peer, k, c).to(device, memory_format=fmt) if opts.student else None
+    entries, notes = _entries(augs, s_net is not None, tuple(splits.train.images.shape[1:3]), _padding(splits),
+                              opts.group_iters)
+    augment = make_augment(cfg, splits, channels_last=True)
+    loader = DeviceLoader(data.train, opts.batch_size, True, opts.seed)
+    if opts.epochs * len(loader) < 2 * opts.group_iters:
+        raise PeerdistillError(f"{opts.epochs} epoch(s) of {len(loader)} batches of {opts.batch_size} make fewer "
+                               f"than 2 groups of {opts.group_iters} iterations; raise --epochs or lower "
+                               f"--batch-size or --group-iters")
+
+    def logits_of(net: Any) -> Any:
+        def run(x: Tensor) -> Tensor:
+            with precision.autocast():
+                return net([x])[0].logits
+        return run
+
+    teacher_fn, student_fn = logits_of(t_net), logits_of(s_net) if s_net is not None else None
+    for e in entries:  # what a picker may score with: the teacher, and the student as peer 0
+        e.ctx = ViewContext(lambda u, g=e.gen: augment(u, g), augment.normalize, None, e.gen, 1, teacher_fn,
+                            (lambda i, z: student_fn(z)) if student_fn is not None else None)
+    t0 = time.perf_counter()
+    bar = tqdm(total=opts.epochs * len(loader), desc="T. stddev", leave=False, dynamic_ncols=True,
+               disable=None if opts.progress else True)
+    with torch.inference_mode():
+        for epoch in range(opts.epochs):
+            loader.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch * 7919)  # the original views
+            for e in entries:
+                e.gen.manual_seed(opts.seed * 1_000_003 + epoch * 7919 + zlib.crc32(e.label.encode()))
+            for batch in loader:
+                x = augment(batch.images, gen)  # (B, C, H, W) the standard crop + flip view
+                _iteration(x, entries, teacher_fn, opts.temperature)
+                bar.update(1)
+    bar.close()
+    results = sorted(({"aug": e.label, **e.acc.result()} for e in entries), key=lambda r: r["t_stddev"])
+    return {"teacher": str(teacher), "dataset": cfg.data.name, "epochs": opts.epochs, "batch_size": opts.batch_size,
+            "group_iters": opts.group_iters, "temperature": opts.temperature, "seed": opts.seed,
+            "precision": precision.name, "student": opts.student, "seconds": time.perf_counter() - t0,
+            "notes": notes, "results": results}
+
+
+def _iteration(x: Tensor, entries: list[_Entry], teacher_fn: Any, temperature: float) -> None:
+    """One batch: every augmentation's copy of ``x``, one batched teacher forward, the accumulators."""
+    outs = [e.aug(x, e.ctx) if e.aug is not None else None for e in entries]
+    todo = [o.x for o in outs if o is not None and o.teacher_logits is None and o.x is not x]
+    logits = teacher_fn(torch.cat([x, *todo])) if todo else teacher_fn(x)
+    parts = iter(logits.split([x.shape[0], *(t.shape[0] for t in todo)]))
+    t_x = next(parts)
+    prob = _softmax(t_x, temperature)
+    for e, o in zip(entries, outs):
+        if o is None:
+            e.acc.add(prob)
+            continue
+        t_aug = t_x if o.x is x else o.teacher_logits if o.teacher_logits is not None else next(parts)
+        e.acc.add(prob, _softmax(t_aug, temperature))
+
+
+def _softmax(logits: Tensor, temperature: float) -> Tensor:
+    return F.softmax(logits.float() / temperature, dim=1)
+
+
+def _entries(augs: list[str] | None, has_student: bool, image_size: tuple[int, int], crop_padding: int | None,
+             group_iters: int) -> tuple[list[_Entry], list[str]]:
+    """The augmentations to compare (the paper's list when none is named) and notes on any left out."""
+    named, notes = bool(augs), []
+    entries: list[_Entry] = []
+    for spec in augs or list(PAPER_AUGS):
+        name, args = parse_aug_spec(spec)
+        label = aug_label(name, args)
+        if label in (e.label for e in entries):
+            raise PeerdistillError(f"augmentation {label!r} is named twice")
+        if name in ("", "none"):
+            entries.append(_Entry("none", None, GroupMeans(group_iters)))
+            continue
+        if _needs_student(name, args) and not has_student:
+            if named:
+                raise PeerdistillError(f"augmentation {label!r} scores with a student: give --student RUN")
+            notes.append(f"{label} left out: it scores with a student (give --student RUN)")
+            continue
+        try:
+            aug = build_augmentation(name, args)
+        except PeerdistillError as e:
+            if named or "kornia" not in str(e):
+                raise
+            notes.append(f"{label} left out: {e}")
+            continue
+        aug.setup(image_size, crop_padding)
+        entries.append(_Entry(label, aug, GroupMeans(group_iters)))
+    return entries, notes
+
+
+def _padding(splits: Any) -> int | None:
+    """The crop padding the engine tells a method (``DataInfo.crop_padding``, once the contract has it),
+    so that ``crop+flip`` here is the one the ``kd`` students train with."""
+    from ..methods.base import DataInfo
+
+    return splits.crop_padding if "crop_padding" in {f.name for f in dataclasses.fields(DataInfo)} else None
+
+
+def _needs_student(name: str, args: dict[str, Any]) -> bool:
+    return name == "cutmixpick" and args.get("criterion") in ("student_entropy", "kld")
+
+
+def _teacher_config(raw: dict[str, Any], overrides: list[str]) -> C.Config:
+    cfg = C.from_dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.startswith("data."):
+            raise PeerdistillError(f"--set {item!r}: only data.<key>=<value> can be changed (e.g. data.root=DIR)")
+        C.set_key(cfg, key, yaml.safe_load(text) if text else "")
+    return cfg
+
+
+def _check_options(opts: TStdDevOptions) -> None:
+    for name in ("epochs", "batch_size", "group_iters"):
+        if getattr(opts, name) < 1:
+            raise PeerdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if not opts.temperature > 0:
+        raise PeerdistillError(f"--temperature must be > 0, got {opts.temperature}")
+
+
+def format_ranking(result: dict[str, Any]) -> str:
+    """The ranked table: lower T. stddev first (the better augmentation for KD, by the paper)."""
+    rows = [f"{'rank':<6}{'augmentation':<40}{'T. stddev':>12}{'entropy':>10}{'groups':>8}"]
+    for i, r in enumerate(result["results"], 1):
+        rows.append(f"{i:<6}{r['aug']:<40}{r['t_stddev']:>12.6f}{r['entropy']:>10.4f}{r['groups']:>8}")
+    return "\n".join(rows)
+

@@ -1,0 +1,272 @@
+"""L-MCL (methods.md §3.2): structure (fresh auxiliary branches, per-(network, stage) heads, the pair
+order of the code), every loss term against hand formulas with the layer-matching weights, gradient
+routing, and the meta step: parameters and buffers bit-identical, only the weight network moves, the
+hyper-gradient equals a finite difference of independently unrolled ``torch.optim.SGD`` steps (double
+precision), the schedule, no host reads, exact resume of the weight network and its optimizer."""
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peerdistill.config import load
+from peerdistill.data.host import host_values
+from peerdistill.data.views import View
+from peerdistill.engine.checkpoint import save_atomic
+from peerdistill.engine.trainer import Trainer
+from peerdistill.methods import StepRecord
+from peerdistill.methods.lmcl import LMCL
+
+from .test_mcl import hand_projection, np_kd, np_log_softmax, np_supcon
+
+BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
+        "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
+        "data.eval_batch_size=128", "method=lmcl"]
+SMALL = ["data.image_size=8", "batch_size=8", "data.size=32", "data.num_classes=4", "data.val_split=0"]
+T = 3.0
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors and double backward: one thread avoids OpenMP contention on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trainer(*overrides: str) -> Trainer:
+    return Trainer(load(None, [*BASE, *overrides]), out_dir=None)
+
+
+def record(tr: Trainer) -> StepRecord:
+    return tr.step_record(next(iter(tr.train_loader)))
+
+
+def grads_in(module: torch.nn.Module) -> bool:
+    return any(p.grad is not None and p.grad.any() for p in module.parameters())
+
+
+def state(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {**{f"c.{k}": v.clone() for k, v in tr.cohort.state_dict().items()},
+            **{f"m.{k}": v.clone() for k, v in tr.method.state_dict().items()}}
+
+
+# ------------------------------------------------------------------ structure
+def test_branches_heads_pairs_and_the_weight_network_outside_the_optimizer():
+    tr = trainer()
+    m, nets = tr.method, tr.cohort.nets
+    assert tr.taps == ("*",)
+    assert [len(b) for b in m.branches] == [2, 2] and len(m.proj) == 6
+    for net, branches in zip(nets, m.branches):
+        assert [len(b.stages) for b in branches] == [2, 1]  # stage1 -> copies of stages 2, 3; stage2 -> stage 3
+        copy_w = next(branches[0].stages[0].parameters())
+        own_w = next(net.stages[1].parameters())
+        assert copy_w.shape == own_w.shape and copy_w is not own_w and not torch.equal(copy_w, own_w)  # fresh init
+    assert m.pairs.tolist()[:4] == [[0, 3], [0, 4], [0, 5], [1, 3]]  # (net a, stage k) x (net b, stage z), code order
+    assert m.pairs.shape == (18, 2) and m.pairs.tolist()[9] == [3, 0]
+    wn = list(m.weight_net.parameters())
+    in_optim = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert wn and not any(p.requires_grad or id(p) in in_optim for p in wn)
+    assert all(id(p) in in_optim for p in [*m.branches.parameters(), *m.proj.parameters(), *m.aggregators.parameters()])
+    assert {"weight_net.proj.0.weight", "weight_momentum0"} <= set(m.state_dict())
+    assert trainer("method.meta=false").method.weight_net is None
+
+
+# ------------------------------------------------------------------ golden values
+@pytest.mark.parametrize("meta", [True, False])
+def test_losses_match_hand_formulas(meta):
+    tr = trainer(f"method.meta={str(meta).lower()}")
+    m, rec = tr.method, record(tr)
+    terms = {k: float(v.detach()) for k, v in m.losses(rec).items()}
+    with torch.no_grad():
+        feats, logits = m.stages(rec.outputs)  # the branches' conv stages are not re-derived by hand
+    fe = [[h.detach().double().numpy() for h in fs] for fs in feats]
+    zs = [[z.detach().double().numpy() for z in s] for s in logits]
+    y = rec.labels.numpy()
+
+    def ce(z):
+        return float(-np_log_softmax(z)[np.arange(len(y)), y].mean())
+
+    def lin(layer, x):
+        return x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+
+    aggs = []
+    for a in range(2):  # stage aggregator: softmax(MLP(cat h)) weights of the stage logits
+        mlp = m.aggregators[a].mlp
+        g = np.exp(np_log_softmax(lin(mlp[2], np.maximum(lin(mlp[0], np.concatenate(fe[a], 1)), 0))))
+        aggs.append(sum(g[:, k:k + 1] * zs[a][k] for k in range(3)))
+    for a in range(2):
+        assert terms[f"ce{a}"] == pytest.approx(ce(zs[a][2]), rel=1e-5)
+        assert terms[f"ce_aux{a}"] == pytest.approx(ce(zs[a][0]) + ce(zs[a][1]), rel=1e-5)
+        assert terms[f"ce_agg{a}"] == pytest.approx(ce(aggs[a]), rel=1e-5)
+        assert terms[f"kd{a}"] == pytest.approx(sum(np_kd(zs[a][2], ag, T) for ag in aggs), rel=1e-4)
+    v = [[hand_projection(m.proj[3 * a + k], feats[a][k]) for k in range(3)] for a in range(2)]
+    b = len(y)
+    same = np.array([[y[i] == y[j] for j in range(b)] for i in range(b)])
+    pos, den = same & ~np.eye(b, dtype=bool), ~np.eye(b, dtype=bool)
+    want = dict.fromkeys(("vcl", "icl", "soft_vcl", "soft_icl"), 0.0)
+    for a, c in ((0, 1), (1, 0)):  # code loop: every ordered pair of nets, every pair of stages
+        for k in range(3):
+            for z in range(3):
+                if meta:
+                    u = [lin(m.weight_net.proj[3 * n + s], fe[n][s]) for n, s in ((a, k), (c, z))]
+                    u = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in u]
+                    w = 1 / (1 + np.exp(-(u[0] * u[1]).sum(1)))
+                else:
+                    w = np.ones(b)
+                p, q = v[a][k], v[c][z]
+                spq, sqp, spp, sqq = p @ q.T / 0.1, q @ p.T / 0.1, p @ p.T / 0.1, q @ q.T / 0.1
+                want["icl"] += np_supcon(spq, pos, den, w) + np_supcon(sqp, pos, den, w)
+                want["vcl"] += np_supcon(spp, pos, den, w) + np_supcon(sqq, pos, den, w)
+                want["soft_icl"] += np_kd(spq, sqp, T, w) + np_kd(sqp, spq, T, w)
+                want["soft_vcl"] += np_kd(spp, sqq, T, w) + np_kd(sqq, spp, T, w)
+    for k, wt in {"vcl": 0.1, "icl": 0.1, "soft_vcl": 1.0, "soft_icl": 1.0}.items():
+        assert terms[k] == pytest.approx(wt * want[k], rel=1e-4), k
+
+
+def test_gradient_routing():
+    tr = trainer()
+    m, nets = tr.method, tr.cohort.nets
+    terms = m.losses(record(tr))
+    terms["kd0"].backward(retain_graph=True)  # target sg(agg_j): only network 0's backbone learns
+    assert grads_in(nets[0].classifier) and not grads_in(nets[1]) and not grads_in(m.aggregators)
+    assert not grads_in(m.branches)
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["ce_aux0"].backward(retain_graph=True)  # auxiliary CE: network 0's branches and trunk
+    assert grads_in(m.branches[0]) and grads_in(nets[0].stages[0]) and not grads_in(m.branches[1])
+    assert not grads_in(nets[0].classifier) and not grads_in(nets[1])
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["ce_agg1"].backward(retain_graph=True)
+    assert grads_in(m.aggregators[1]) and not grads_in(m.aggregators[0])
+    tr.optimizer.zero_grad(set_to_none=True)
+    (terms["vcl"] + terms["icl"] + terms["soft_vcl"] + terms["soft_icl"]).backward()
+    assert all(grads_in(h) for h in m.proj) and grads_in(m.branches[1]) and not grads_in(m.aggregators)
+    assert all(p.grad is None for p in m.weight_net.parameters())  # never trained by the main loss
+
+
+# ------------------------------------------------------------------ meta step
+def test_meta_step_leaves_networks_bit_identical_and_moves_only_the_weight_network():
+    tr = trainer(*SMALL)
+    rec = record(tr)
+    before = state(tr)
+    tr.method.update(rec)  # rec.step = 0: batch 0 of the epoch runs a meta step
+    after = state(tr)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    weight = {k for k in before if k.startswith(("m.weight_net.", "m.weight_momentum"))}
+    assert changed == weight and len(weight) == 24  # 6 Linear layers x (weight, bias), and their momenta
+    assert any(k.endswith("running_mean") for k in before) and all(p.grad is None for p in tr.module.parameters())
+
+
+def _unrolled_ce(method, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float, shift: list[torch.Tensor]) -> float:
+    """CE after 2 + 1 steps of torch.optim.SGD on copies of the networks and heads, weight net + shift."""
+    m = copy.deepcopy(method)  # copies the cohort too (the method holds it in _unrolled)
+    with torch.no_grad():
+        for p, d in zip(m.weight_net.parameters(), shift):
+            p += d
+    model = m._unrolled
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+
+    def ce() -> torch.Tensor:
+        _, logits, _ = model(x, project=False)
+        return sum(-torch.log_softmax(z, 1)[torch.arange(len(y)), y].mean() for zs in logits for z in zs)
+
+    for t in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)  # a parameter the objective misses still decays (as MetaSGD)
+        if t < 2:
+            feats, _, v = model(x)
+            loss = sum(m.contrast(v, m.weight_net([h for fs in feats for h in fs]), y).values())
+        else:
+            loss = ce()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(ce())
+
+
+def test_hypergradient_matches_finite_difference_in_double_precision():
+    # gamma = lam = 0: the soft terms go through kd_kl, which computes in float32
+    tr = trainer(*SMALL, "method.gamma=0", "method.lam=0")
+    batch = next(iter(tr.train_loader))
+    x = tr.method.make_views(batch, tr.view_context(tr.gen)).peers[0].x.double()
+    tr.module.double()
+    view = View(x, batch.labels, batch.index)
+    lr, wd = 0.1, 5e-4
+    rec = StepRecord([view, view], [], [], 4, lr=lr, weight_decay=wd)
+    g = tr.method.hypergradient(rec, lr)
+    gen = torch.Generator().manual_seed(0)
+    u = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in tr.method.weight_net.parameters()]
+    analytic = sum(float((g[k] * d).sum()) for (k, _), d in zip(tr.method.weight_net.named_parameters(), u))
+    eps = 1e-6  # F is smooth at this scale; at 1e-5 ReLU patterns of this tiny net already flip
+    plus = _unrolled_ce(tr.method, x, batch.labels, lr, wd, [eps * d for d in u])
+    minus = _unrolled_ce(tr.method, x, batch.labels, lr, wd, [-eps * d for d in u])
+    fd = (plus - minus) / (2 * eps)
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_meta_step_runs_every_meta_freq_batches_of_an_epoch(monkeypatch):
+    seen: list[int] = []
+    monkeypatch.setattr(LMCL, "meta_step", lambda self, rec: seen.append(rec.step))
+    tr = trainer("method.meta_freq=3", "data.val_split=0")
+    assert tr.steps_per_epoch == 4
+    for _ in range(2):
+        tr.train_epoch()
+        tr.epoch += 1
+    assert seen == [0, 3, 4, 7]  # code: ``batch_idx % meta_freq == 0`` within each epoch
+
+
+def test_meta_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    tr = trainer(*SMALL)
+    rec = record(tr)
+    tr.method.meta_step(rec)  # first call outside the guard
+
+    def guarded(attr):
+        original = getattr(torch.Tensor, attr)
+
+        def read(*args, **kwargs):
+            if sys._getframe(1).f_code is not host_values.__code__:
+                raise AssertionError(f"the meta step called Tensor.{attr}")
+            return original(*args, **kwargs)
+        return read
+
+    for attr in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, guarded(attr))
+    tr.method.meta_step(rec)
+    monkeypatch.undo()
+
+
+def test_weight_network_and_its_optimizer_resume_exactly(tmp_path):
+    cfg = [*SMALL, "epochs=2", "method.meta_freq=2", "optim.lr=0.05", "optim.weight_decay=0.001"]
+    full = trainer(*cfg)
+    init = {k: v.clone() for k, v in full.method.weight_net.state_dict().items()}
+    full.fit()
+    assert any(not torch.equal(init[k], v) for k, v in full.method.weight_net.state_dict().items())
+    part = trainer(*cfg)
+    part.before_training()
+    part.train_epoch()
+    part.epoch += 1
+    save_atomic(part.state(), tmp_path / "last.pt")
+    resumed = trainer(*cfg)
+    resumed.load(tmp_path / "last.pt")
+    resumed.fit()
+    a, b = state(full), state(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_eval_heads_cover_branches_and_aggregators():
+    tr = trainer()
+    tr.module.eval()
+    with torch.no_grad():
+        outs = tr.cohort([torch.randn(4, 3, 16, 16)] * 2, ("*",))
+        heads = tr.method.eval_heads(outs)
+    assert {"peer0", "peer1", "ensemble", "aux0_stage1", "aux1_stage2", "agg0", "agg1"} <= set(heads)
+    assert all(h.shape == (4, 5) and torch.isfinite(h).all() for h in heads.values())
+    assert torch.allclose(F.log_softmax(heads["peer0"], 1), F.log_softmax(outs[0].logits, 1))

@@ -1,0 +1,400 @@
+"""The online-KD baselines of the PCL/DKEL tables: CL-ILR, OKDDip, KDCL, FFL.
+
+Golden values are written out here with numpy / plain torch (never the library's helpers); gradient
+routing checks which parameters each loss term reaches; cohorts are built for every PCL-table model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peerdistill.config import load
+from peerdistill.engine.trainer import Trainer
+from peerdistill.errors import PeerdistillError
+from peerdistill.methods import METHODS, DataInfo, StepRecord
+from peerdistill.methods.functional import linear_ensemble_weights, min_logit_ensemble
+from peerdistill.models.cohort import build_cohort
+
+BASE = ["data.name=synthetic", "data.size=48", "data.image_size=16", "data.num_classes=5", "model=resnet8",
+        "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
+        "data.eval_batch_size=64", "data.val_split=0"]
+PCL_MODELS = ["resnet32", "resnet110", "vgg16", "densenet40_12", "wrn_20_8"]
+
+
+def trainer(*over: str) -> Trainer:
+    return Trainer(load(None, [*BASE, *over]), out_dir=None)
+
+
+def record(tr: Trainer, epoch: int = 0) -> StepRecord:
+    tr.epoch = epoch
+    return tr.step_record(next(iter(tr.train_loader)))
+
+
+def has_grad(params) -> bool:
+    return any(p.grad is not None and p.grad.any() for p in params)
+
+
+def no_grad(params) -> bool:
+    return not has_grad(params)
+
+
+def branch(tr: Trainer, i: int) -> list[torch.nn.Parameter]:
+    """Peer i's own parameters: the stages after the shared trunk and its classifier."""
+    net = tr.cohort.nets[i]
+    return [p for s in net.stages[tr.cohort.shared:] for p in s.parameters()] + list(net.classifier.parameters())
+
+
+def trunk(tr: Trainer) -> list[torch.nn.Parameter]:
+    net = tr.cohort.nets[0]
+    return [*net.stem.parameters(), *(p for s in net.stages[:tr.cohort.shared] for p in s.parameters())]
+
+
+# ------------------------------------------------------------------ hand-written reference maths
+def np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def np_kd(student: np.ndarray, teacher: np.ndarray, t: float) -> float:
+    """T^2 * sum_k p_t (log p_t - log p_s), batch mean."""
+    lt, ls = np_log_softmax(teacher / t), np_log_softmax(student / t)
+    return float(t * t * (np.exp(lt) * (lt - ls)).sum(1).mean())
+
+
+def np_ce(z: np.ndarray, y: np.ndarray) -> float:
+    return float(-np_log_softmax(z)[np.arange(len(y)), y].mean())
+
+
+def logits(rec: StepRecord) -> list[np.ndarray]:
+    return [o.logits.detach().double().numpy() for o in rec.outputs]
+
+
+def values(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ------------------------------------------------------------------ every PCL-table model builds
+@pytest.mark.parametrize("model", PCL_MODELS)
+def test_each_method_builds_its_cohort_for_every_pcl_table_model(model):
+    """Only builds (no training): the default split of every branched method, its modules' sizes."""
+    info = DataInfo(100, 8, torch.zeros(8, dtype=torch.long), 3, (16, 16))  # 16x16 keeps FFL's shape probe cheap
+    cohort = build_cohort([model], 3, 100, 3, {}, "branched", None)  # the default split_after of all three
+    names, d = cohort.nets[0].stage_names, cohort.nets[0].num_features
+    assert cohort.shared == len(names) - 1  # stem + every stage but the last (OKDDip / ONE / FFL layout)
+    methods = {name: METHODS.build(name) for name in ("cl_ilr", "okddip", "ffl")}
+    for m in methods.values():
+        assert m.needs.topology == "branched" and m.needs.split_after is None
+        m.setup(cohort, info)
+    assert cohort.trunk_grad_scale == pytest.approx(1 / 3)
+    okd, ffl = methods["okddip"], methods["ffl"]
+    assert (okd.query.in_features, okd.query.out_features) == (d, d // 8)
+    assert ffl.needs.taps == (names[-1],) and ffl.fusion.depthwise.in_channels == 3 * d
+    assert (ffl.fusion.pointwise.out_channels, ffl.fusion.fc.out_features) == (d, 100)
+    kdcl = METHODS.build("kdcl")  # independent students: any registered model, nothing method-specific
+    assert kdcl.needs.topology == "independent" and kdcl.needs.views == "per_peer"
+
+
+# ------------------------------------------------------------------ CL-ILR
+def test_cl_ilr_terms_match_hand_formula():
+    tr = trainer("method=cl_ilr", "peers=3", "method.ce_weight=0.3", "method.weight=0.6",
+                 "method.temperature=2.5", "method.rampup_epochs=10")
+    rec = record(tr, epoch=5)
+    terms = values(tr.method.losses(rec))
+    assert set(terms) == {"ce0", "ce1", "ce2", "kl0", "kl1", "kl2"}
+    z, y = logits(rec), rec.labels.numpy()
+    w = 0.6 * math.exp(-5 * (1 - 5 / 10) ** 2)
+    for i in range(3):
+        others = (z[(i + 1) % 3] + z[(i + 2) % 3]) / 2  # the other heads' mean logits, then softened
+        assert terms[f"ce{i}"] == pytest.approx(0.3 * np_ce(z[i], y), rel=1e-5)
+        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], others, 2.5), rel=1e-4)
+
+
+def test_cl_ilr_trunk_gradient_is_exactly_one_mth_of_the_unscaled_one():
+    grads = {}
+    for rescale in ("true", "false"):
+        tr = trainer("method=cl_ilr", "peers=3", f"method.rescale={rescale}")
+        assert tr.cohort.trunk_grad_scale == pytest.approx(1 / 3 if rescale == "true" else 1.0)
+        sum(tr.method.losses(record(tr)).values()).backward()
+        grads[rescale] = ([p.grad.clone() for p in trunk(tr)], [p.grad.clone() for p in branch(tr, 1)])
+    (t_on, b_on), (t_off, b_off) = grads["true"], grads["false"]
+    assert any(g.abs().sum() > 0 for g in t_off)
+    for g_on, g_off in zip(t_on, t_off):
+        assert torch.allclose(g_on, g_off / 3, rtol=1e-4, atol=1e-6 * float(g_off.abs().max()))
+    for g_on, g_off in zip(b_on, b_off):  # the branches' own gradients are not rescaled
+        assert torch.allclose(g_on, g_off, rtol=1e-5, atol=1e-6 * float(g_off.abs().max()))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_cl_ilr_target_detach_decides_whether_kd_reaches_the_other_heads(detach):
+    tr = trainer("method=cl_ilr", "peers=3", f"method.detach_targets={str(detach).lower()}")
+    tr.method.losses(record(tr))["kl0"].backward()
+    assert has_grad(branch(tr, 0))
+    assert no_grad(branch(tr, 1)) == detach and no_grad(branch(tr, 2)) == detach
+
+
+# ------------------------------------------------------------------ OKDDip
+def okddip_trainer(*over: str) -> Trainer:
+    return trainer("method=okddip", "peers=4", *over)
+
+
+@pytest.fixture(scope="module")
+def okddip_default() -> Trainer:
+    """One default 4-network OKDDip trainer shared by the read-only and gradient-routing tests."""
+    return okddip_trainer()
+
+
+def test_okddip_attention_and_terms_match_hand_computation():
+    tr = okddip_trainer("method.temperature=2.0", "method.weight=0.5")
+    m = tr.method
+    rec = record(tr, epoch=40)
+    h = [o.embedding.detach().double().numpy() for o in rec.outputs[:3]]  # the 3 auxiliary peers
+    wq, wk = m.query.weight.detach().double().numpy(), m.key.weight.detach().double().numpy()
+    assert wq.shape == (8, 64)  # d = 64 -> d / 8
+    z, y = logits(rec), rec.labels.numpy()
+    got_a = m.attention(rec.outputs[:3]).detach().double().numpy()  # (B, 3, 3)
+    x_all = m.peer_targets(rec.outputs[:3]).detach().double().numpy()  # (B, 3, K)
+    for b in range(len(y)):
+        q = np.stack([h[i][b] @ wq.T for i in range(3)])  # (3, 8)
+        k = np.stack([h[j][b] @ wk.T for j in range(3)])
+        energy = q @ k.T  # no 1/sqrt(d), j ranges over every peer including i
+        a = np.exp(energy - energy.max(1, keepdims=True))
+        a /= a.sum(1, keepdims=True)
+        assert np.allclose(got_a[b], a, atol=1e-5)
+        x = a @ np.stack([z[j][b] for j in range(3)])  # x_i = sum_j a_ij z_j
+        assert np.allclose(x_all[b], x, atol=1e-4)
+    terms = values(m.losses(rec))
+    assert set(terms) == {"ce0", "ce1", "ce2", "kl0", "kl1", "kl2", "ce_leader", "kl_leader"}
+    w = 0.5 * math.exp(-5 * (1 - 40 / 80) ** 2)
+    for i in range(3):
+        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
+        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], x_all[:, i], 2.0), rel=1e-4)
+    assert terms["ce_leader"] == pytest.approx(np_ce(z[3], y), rel=1e-5)
+    assert terms["kl_leader"] == pytest.approx(w * np_kd(z[3], (z[0] + z[1] + z[2]) / 3, 2.0), rel=1e-4)
+
+
+def test_okddip_gradient_routing_with_undetached_targets(okddip_default):
+    tr = okddip_default
+    tr.optimizer.zero_grad(set_to_none=True)
+    m = tr.method
+    attn = [m.query.weight, m.key.weight]
+    in_optim = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_optim for p in attn)
+    terms = m.losses(record(tr))
+    terms["ce0"].backward(retain_graph=True)
+    assert no_grad(attn)  # the attention enters only the KD targets
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["kl0"].backward(retain_graph=True)
+    assert has_grad(attn[:1]) and has_grad(attn[1:])  # W_q and W_k learn through peer 0's target
+    assert has_grad(branch(tr, 0)) and has_grad(branch(tr, 1))  # x_0 mixes the peers' logits
+    assert no_grad(branch(tr, 3))  # the leader takes no part in the attention
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["kl_leader"].backward()
+    assert has_grad(branch(tr, 3)) and all(has_grad(branch(tr, i)) for i in range(3))  # reaches the peers
+    assert no_grad(attn)
+
+
+def test_okddip_detached_targets_keep_kd_on_the_student_only():
+    tr = okddip_trainer("method.detach_targets=true")
+    terms = tr.method.losses(record(tr))
+    terms["kl0"].backward(retain_graph=True)
+    assert no_grad([tr.method.query.weight, tr.method.key.weight]) and no_grad(branch(tr, 1))
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["kl_leader"].backward()
+    assert has_grad(branch(tr, 3)) and not any(has_grad(branch(tr, i)) for i in range(3))
+
+
+def test_okddip_eval_heads_are_the_peers_their_ensemble_and_the_leader(okddip_default):
+    tr = okddip_default
+    rec = record(tr)
+    heads = tr.method.eval_heads(rec.outputs)
+    assert set(heads) == {"peer0", "peer1", "peer2", "ensemble", "leader"}
+    assert torch.equal(heads["leader"], rec.outputs[3].logits)
+    probs = sum(torch.softmax(o.logits.detach(), 1) for o in rec.outputs[:3]) / 3  # leader excluded
+    assert torch.allclose(heads["ensemble"].detach().exp(), probs, atol=1e-6)
+
+
+# ------------------------------------------------------------------ KDCL
+def test_kdcl_ensembles_on_hand_written_logits():
+    z0 = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    z1 = torch.tensor([[1.0, 1.0, 3.0], [-1.0, 2.0, 1.0]])
+    y = torch.tensor([0, 1])
+    q = F.one_hot(y, 3).float()
+    # MinLogit: z_i - z_{i,y}, then the element-wise min over students
+    expected = torch.tensor([[min(0.0, 0.0), min(-2.0, 0.0), min(-3.0, 2.0)],
+                             [min(-1.0, -3.0), 0.0, min(-1.5, -1.0)]])
+    assert torch.equal(min_logit_ensemble([z0, z1], q), expected)
+    mixed = torch.tensor([[0.25, 0.75, 0.0], [0.0, 1.0, 0.0]])  # a mixed label subtracts <q, z_i>
+    row0 = torch.minimum(z0[0] - (0.25 * 2.0 + 0.75 * 0.0), z1[0] - (0.25 * 1.0 + 0.75 * 1.0))
+    assert torch.allclose(min_logit_ensemble([z0, z1], mixed)[0], row0)
+    # Linear: simplex weights minimising the CE of the combination, against a brute-force grid
+    g = torch.Generator().manual_seed(0)
+    for m in (2, 3):
+        zs = [torch.randn(8, 5, generator=g) * 3 for _ in range(m)]
+        yy = torch.randint(0, 5, (8,), generator=g)
+        w = linear_ensemble_weights(zs, F.one_hot(yy, 5).float(), steps=200)
+        assert w.shape == (m,) and float(w.sum()) == pytest.approx(1.0, abs=1e-6) and bool((w >= 0).all())
+        zn = [t.double().numpy() for t in zs]
+        grid = np.linspace(0, 1, 201)
+        cands = ([(a, 1 - a) for a in grid] if m == 2 else
+                 [(a, b, 1 - a - b) for a in grid for b in grid if a + b <= 1 + 1e-12])
+        ce = [np_ce(sum(c * zi for c, zi in zip(cand, zn)), yy.numpy()) for cand in cands]
+        best = int(np.argmin(ce))
+        got = np_ce(sum(float(c) * zi for c, zi in zip(w, zn)), yy.numpy())
+        assert got <= ce[best] + 1e-4
+        assert np.allclose(w.numpy(), cands[best], atol=0.02)
+        w20 = linear_ensemble_weights(zs, F.one_hot(yy, 5).float())  # the default 20 steps: close enough
+        assert np_ce(sum(float(c) * zi for c, zi in zip(w20, zn)), yy.numpy()) <= ce[best] + 1e-2
+
+
+@pytest.mark.parametrize("ensemble", ["naive", "linear", "minlogit"])
+def test_kdcl_terms_match_hand_formula_and_targets_stay_detached(ensemble):
+    tr = trainer("method=kdcl", "peers=2", f"method.ensemble={ensemble}", "method.weight=0.7")
+    rec = record(tr)
+    assert rec.views[0].x is not rec.views[1].x and not torch.equal(rec.views[0].x, rec.views[1].x)
+    assert torch.equal(rec.views[0].index, rec.views[1].index)  # the same images, augmented apart
+    z, y = logits(rec), rec.labels.numpy()
+    if ensemble == "naive":
+        target = (z[0] + z[1]) / 2
+    elif ensemble == "minlogit":
+        target = np.minimum(*(zi - zi[np.arange(len(y)), y][:, None] for zi in z))
+    else:
+        w = linear_ensemble_weights([o.logits for o in rec.outputs], rec.views[0].soft_targets(5)).double().numpy()
+        target = w[0] * z[0] + w[1] * z[1]
+    terms = tr.method.losses(rec)
+    got = values(terms)
+    for i in range(2):
+        assert got[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
+        assert got[f"kl{i}"] == pytest.approx(0.7 * np_kd(z[i], target, 2.0), rel=1e-4)
+    terms["kl0"].backward()
+    assert has_grad(tr.cohort.nets[0].parameters()) and no_grad(tr.cohort.nets[1].parameters())
+
+
+def test_kdcl_trains_heterogeneous_students():
+    tr = trainer("method=kdcl", "peers=2", "model=resnet8,resnet14", "method.ensemble=linear")
+    sizes = [sum(p.numel() for p in net.parameters()) for net in tr.cohort.nets]
+    assert sizes[0] < sizes[1]
+    terms = tr.train_step(next(iter(tr.train_loader)))
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+# ------------------------------------------------------------------ FFL
+def hand_fusion(fusion, maps: list[torch.Tensor]) -> torch.Tensor:
+    """The fusion module written out: depthwise conv, BN (batch statistics), ReLU, 1x1, BN, ReLU, GAP, FC."""
+    def bn(x, mod):
+        mu, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight.view(1, -1, 1, 1) + mod.bias.view(1, -1, 1, 1)
+
+    x = torch.cat([t.detach() for t in maps], 1)
+    c = x.shape[1]
+    x = torch.relu(bn(F.conv2d(x, fusion.depthwise.weight, padding=1, groups=c), fusion.bn1))
+    x = torch.relu(bn(F.conv2d(x, fusion.pointwise.weight), fusion.bn2))
+    return x.mean((2, 3)) @ fusion.fc.weight.T + fusion.fc.bias
+
+
+def test_ffl_fused_logits_and_terms_match_hand_formula():
+    tr = trainer("method=ffl", "peers=2", "method.temperature=2.0", "method.weight=0.8")
+    m = tr.method
+    assert tr.cohort.shared == 2 and tr.taps == ("stage3",)
+    rec = record(tr, epoch=20)
+    with torch.no_grad():
+        z_f = hand_fusion(m.fusion, [o.maps["stage3"] for o in rec.outputs])
+        assert torch.allclose(m.fused(rec.outputs), z_f, atol=1e-5)
+    terms = values(m.losses(rec))
+    assert set(terms) == {"ce0", "ce1", "ce_fused", "kl0", "kl1", "kl_fused"}
+    z, zf, y = logits(rec), z_f.double().numpy(), rec.labels.numpy()
+    w = 0.8 * math.exp(-5 * (1 - 20 / 80) ** 2)
+    for i in range(2):
+        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
+        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], zf, 2.0), rel=1e-4)
+    assert terms["ce_fused"] == pytest.approx(np_ce(zf, y), rel=1e-5)
+    assert terms["kl_fused"] == pytest.approx(w * np_kd(zf, (z[0] + z[1]) / 2, 2.0), rel=1e-4)
+    m.eval()
+    assert set(m.eval_heads(rec.outputs)) == {"peer0", "peer1", "ensemble", "fused"}
+
+
+def test_ffl_gradient_routing_and_fusion_weight_decay():
+    tr = trainer("method=ffl", "peers=2")
+    fusion = list(tr.method.fusion.parameters())
+    groups = [g for g in tr.optimizer.param_groups if any(p is fusion[0] for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == pytest.approx(1e-5)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in fusion}
+    terms = tr.method.losses(record(tr, epoch=100))
+    terms["kl0"].backward(retain_graph=True)
+    assert no_grad(fusion) and has_grad(branch(tr, 0)) and no_grad(branch(tr, 1))  # sg(z_f)
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["kl_fused"].backward(retain_graph=True)
+    assert has_grad(fusion) and has_grad(branch(tr, 0)[:-2])  # z_f reads the maps (not detached, as official)
+    assert no_grad(tr.cohort.nets[0].classifier.parameters()) and no_grad(tr.cohort.nets[1].classifier.parameters())
+    tr.optimizer.zero_grad(set_to_none=True)
+    terms["ce_fused"].backward()
+    assert has_grad(fusion) and has_grad(branch(tr, 0)) and has_grad(branch(tr, 1)) and has_grad(trunk(tr))
+
+
+def test_ffl_independent_heterogeneous_subnetworks_and_spatial_mismatch():
+    tr = trainer("method=ffl", "method.shared=false", "model=resnet8,resnet14")
+    assert tr.cohort.shared == 0 and tr.method.fusion.depthwise.in_channels == 128
+    assert all(torch.isfinite(v) for v in tr.train_step(next(iter(tr.train_loader))).values())
+    with pytest.raises(PeerdistillError, match="spatial size; got 4x4, 2x2") as e:
+        trainer("method=ffl", "method.shared=false", "model=resnet8,vgg8")
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ mixers and bad values
+@pytest.mark.parametrize("name,peers", [("cl_ilr", 2), ("okddip", 3), ("kdcl", 2), ("ffl", 2)])
+def test_shared_mix_mixes_every_view_alike_and_trains(name, peers):
+    tr = trainer(f"method={name}", f"peers={peers}", "mixer=cutmix", "mixer.prob=1.0")
+    rec = record(tr)
+    assert rec.views[0].mix is not None and all(v.mix is rec.views[0].mix for v in rec.views)
+    terms = tr.train_step(next(iter(tr.train_loader)))
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.parametrize("over,match", [
+    (["method=okddip", "peers=2"], "needs at least 3 peers"),
+    (["method=cl_ilr", "method.temperature=-1"], "temperature"),
+    (["method=kdcl", "method.ensemble=best"], "ensemble"),
+    (["method=okddip", "peers=3", "method.factor=0"], "factor"),
+    (["method=ffl", "method.shared=false", "method.split_after=stage1"], "split_after needs shared=true"),
+    (["method=cl_ilr", "method.split_after=stage3"], "cannot split"),
+])
+def test_bad_values_are_one_line_errors(over, match):
+    with pytest.raises(PeerdistillError, match=match) as e:
+        trainer(*over)
+    assert "\n" not in str(e.value)
+
+
+def test_rampups_use_the_integer_epoch(okddip_default):
+    tr = okddip_default
+    rec = record(tr)
+    kl = [values(tr.method.losses(dataclasses.replace(rec, epoch=e)))["kl_leader"] for e in (0, 80)]
+    assert kl[0] == pytest.approx(math.exp(-5) * kl[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ffl", "kdcl"])
+def test_resume_from_a_checkpoint_matches_uninterrupted_training(name, tmp_path):
+    """FFL: the fusion module's BN statistics and its own optimizer group; KDCL: one augmentation draw per
+    student. Stopped after epoch 1 and resumed from its checkpoint, training ends exactly where the
+    uninterrupted run does (the loop without evaluation or plots, to stay fast)."""
+    over = [f"method={name}", "epochs=2", "data.size=32", "mixer=cutmix", "mixer.prob=1.0",
+            *(["method.rampup_epochs=1"] if name == "ffl" else [])]
+
+    def epochs(tr: Trainer, n: int) -> Trainer:
+        tr.before_training()
+        for _ in range(n):
+            tr.train_epoch()
+            tr.epoch += 1
+        return tr
+
+    full = epochs(Trainer(load(None, [*BASE, *over]), tmp_path / "full"), 2)
+    epochs(Trainer(load(None, [*BASE, *over]), tmp_path / "cut"), 1).save("last.pt")
+    resumed = Trainer(load(None, [*BASE, *over]), tmp_path / "cut")
+    resumed.load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    epochs(resumed, 1)
+    for part in ("cohort", "method"):
+        a, b = getattr(full, part).state_dict(), getattr(resumed, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items()), part
