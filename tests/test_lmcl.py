@@ -1,4 +1,4 @@
-"""L-MCL (methods.md §3.2): structure (fresh auxiliary branches, per-(network, stage) heads, the pair
+"""L-MCL (spec §3.2): structure (fresh auxiliary branches, per-(network, stage) heads, the pair
 order of the code), every loss term against hand formulas with the layer-matching weights, gradient
 routing, and the meta step: parameters and buffers bit-identical, only the weight network moves, the
 hyper-gradient equals a finite difference of independently unrolled ``torch.optim.SGD`` steps (double

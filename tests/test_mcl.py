@@ -1,4 +1,4 @@
-"""MCL (methods.md §3.1): SupCon and the four contrastive terms against hand-written formulas (masks
+"""MCL (spec §3.1): SupCon and the four contrastive terms against hand-written formulas (masks
 written out by hand), the code's in-batch masks and the instance-positive option, logit-distillation
 conventions, gradient routing, m-per-class batches, MCL(x4) sharing, and the memory bank (update,
 sampling, values, exact resume). Golden values use plain numpy / torch, never the library's helpers."""
@@ -64,7 +64,7 @@ def np_kd(student: np.ndarray, teacher: np.ndarray, t: float, w: np.ndarray | No
 
 
 def np_mcl_terms(v: np.ndarray, y: np.ndarray, instance_positive: bool = False) -> dict[str, float]:
-    """methods.md §3.1 with the masks spelled out element by element."""
+    """spec §3.1 with the masks spelled out element by element."""
     n, b = v.shape[:2]
     same = np.array([[y[i] == y[j] for j in range(b)] for i in range(b)])
     eye = np.eye(b, dtype=bool)

@@ -249,7 +249,7 @@ def test_tf_kd_reg_matches_the_official_formula():
     assert close(terms["ce0"], 0.7 * ce(z, y))
     assert close(terms["reg0"], 0.3 * 10 * kl_mean)
     tr.method.correct_prob, tr.method.temperature = 0.99, 20.0  # the defaults, on CIFAR-100's 100 classes:
-    q100 = tr.method.teacher(torch.tensor([3]), 100)[0]  # a nearly uniform teacher (baselines-verified §10.1)
+    q100 = tr.method.teacher(torch.tensor([3]), 100)[0]  # a nearly uniform teacher (baselines §10.1)
     e_y, e_o = torch.tensor(0.99 / 20).exp(), torch.tensor(0.01 / 99 / 20).exp()
     assert close(q100[3], e_y / (e_y + 99 * e_o)) and 0.0104 < float(q100[3]) < 0.0106
 

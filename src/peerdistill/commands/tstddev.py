@@ -1,5 +1,5 @@
 """``peerdistill tstddev TEACHER [AUG ...]``: rank augmentations for KD by the teacher's T. stddev
-(Good-DA-in-KD, methods.md §5.4); lower is better. Teacher inference only."""
+(Good-DA-in-KD, spec §5.4); lower is better. Teacher inference only."""
 from __future__ import annotations
 
 import argparse

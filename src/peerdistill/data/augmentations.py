@@ -1,6 +1,6 @@
 """A registry of batched augmentations that turn a normalised view into another normalised batch.
 
-Good-DA-in-KD (Wang et al., NeurIPS 2022; methods.md §5.2) compares augmentations by adding
+Good-DA-in-KD (Wang et al., NeurIPS 2022; spec §5.2) compares augmentations by adding
 ``x_aug = DA(x)`` to every step, where ``x`` is the standard (crop + flip) view. Each augmentation here
 takes that normalised view and the step's :class:`~peerdistill.data.views.ViewContext` (its seeded
 generator ``ctx.gen``; its no-grad teacher / peer logits for pickers) and returns an :class:`Augmented`
@@ -344,6 +344,6 @@ def parse_aug_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), args
 
 
-#: The paper's list (methods.md §5.2), in its order; CutMixPick (S. ent.) needs a student.
+#: The paper's list (spec §5.2), in its order; CutMixPick (S. ent.) needs a student.
 PAPER_AUGS = ("identity", "flip", "crop+flip", "cutout", "autoaugment", "mixup", "cutmix",
               "cutmixpick:criterion=student_entropy", "cutmixpick:criterion=teacher_entropy")

@@ -1,7 +1,7 @@
 """Cut^nMix: n CutMix patches from n partner images, with labels from the pixels that stay visible.
 
 A **reconstruction**: the Cut^nMix paper (Shen et al., arXiv 2206.12370) names the mixer but its
-definition was not retrievable (methods.md §4). This is reading H1 there: CutMix applied n times. Each
+definition was not retrievable (spec §4). This is reading H1 there: CutMix applied n times. Each
 patch is a CutMix box (Yun et al. 2019): ``lam_k ~ Beta(alpha, alpha)``, side ratio ``sqrt(1 - lam_k)``,
 uniform centre, clipped to the image; patch k shows partner image ``perms[k + 1]``; later patches
 overwrite earlier ones. Each component's label weight is the fraction of pixels it shows in the *final*

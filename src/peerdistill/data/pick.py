@@ -1,4 +1,4 @@
-"""CutMixPick (Good-DA-in-KD, Wang et al. NeurIPS 2022; methods.md §5.3) as a picker over any mixer.
+"""CutMixPick (Good-DA-in-KD, Wang et al. NeurIPS 2022; spec §5.3) as a picker over any mixer.
 
 The picker draws ``mix_n_run`` independent mixes of the batch with a base mixer (CutMix by default:
 each run has its own lambda, box and derangement), scores every pooled image without gradient, and

@@ -1,4 +1,4 @@
-"""Robustness evaluation of a saved run (SD-Dropout's evaluations, methods.md §6.4): adversarial
+"""Robustness evaluation of a saved run (SD-Dropout's evaluations, spec §6.4): adversarial
 accuracy (FGSM, PGD), corruption accuracy (CIFAR-C families), OOD detection (MSP, ODIN, energy).
 
 Every evaluated head of the run's method is scored (``method.eval_heads``), in float32 with BN in

@@ -11,7 +11,7 @@ from .functional import ensemble_log_probs, kd_kl
 
 
 class AuxHead(nn.Module):
-    """The ICCV-version bottleneck classifier on one stage map (baselines-verified §9.1, ``branchBottleNeck``):
+    """The ICCV-version bottleneck classifier on one stage map (baselines §9.1, ``branchBottleNeck``):
     1x1 conv -> BN -> ReLU -> k x k conv stride k -> BN -> ReLU -> 1x1 conv -> BN -> ReLU -> GAP -> FC,
     with D/4 middle channels and D (the final embedding width) out, so its pooled feature is comparable
     with the final one."""
@@ -53,7 +53,7 @@ class BYOT(Method):
     read the stage maps; the k x k stride-k conv of head i uses k = H_i / H_L so its map reaches the last
     stage's spatial size (ResNet-18 on 32x32: k = 8, 4, 2). With z, f the final logits and pooled
     feature and z_i, f_i those of head i, the default is the SD-Dropout authors' formula (``variant=skd``,
-    the one SD-Dropout combines with; baselines-verified §9.1):
+    the one SD-Dropout combines with; baselines §9.1):
 
         L = CE(z) + lam * sum_i [(1 - alpha) CE(z_i) + alpha T^2 KL(p^T(sg z) || p^T(z_i))
                                  + hint * mean_{b,c} (f_i - sg f)^2]

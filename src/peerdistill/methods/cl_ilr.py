@@ -14,7 +14,7 @@ class CLILR(Method):
     """m heads on one shared trunk; each head learns from the labels and from the mean logits of the
     other heads, and the trunk's gradient is rescaled by 1/m (backprop rescaling).
 
-    Per head i (baselines-verified §2), with ``z_{-i} = mean_{j != i} z_j`` (the *logits* averaged, then
+    Per head i (baselines §2), with ``z_{-i} = mean_{j != i} z_j`` (the *logits* averaged, then
     softened):
 
         ce{i} = ce_weight * CE(z_i),   kl{i} = w(e) * weight * KD_T(z_i, sg(z_{-i}))

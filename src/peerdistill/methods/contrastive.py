@@ -1,10 +1,10 @@
-"""Contrastive maths of MCL and L-MCL (methods.md §3): SupCon over a logit matrix, the in-batch masks,
+"""Contrastive maths of MCL and L-MCL (spec §3): SupCon over a logit matrix, the in-batch masks,
 the projection head, and the four terms VCL / ICL / Soft VCL / Soft ICL for in-batch and memory-bank
 contrast. Pure functions plus one small module; float32 even under autocast.
 
 Notation: ``v`` holds L2-normalised embeddings, ``S_pq = v_p v_q^T / tau`` is the logit matrix of anchor
 embedding set p against contrast set q, and for a logit matrix S with positive mask P and denominator
-mask D (methods.md §3.1)::
+mask D (spec §3.1)::
 
     l(S) = -(1/B) sum_i w_i (1/|P_i|) sum_j P_ij (S_ij - log sum_k D_ik exp S_ik)
 """
@@ -76,7 +76,7 @@ def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temper
                     instance_positive: bool = False) -> dict[str, Tensor]:
     """In-batch VCL / ICL / Soft VCL / Soft ICL summed over embedding pairs (unweighted by alpha..lambda).
 
-    For every pair (p, q) of ``pairs`` (methods.md §3.1, §3.2):
+    For every pair (p, q) of ``pairs`` (spec §3.1, §3.2):
 
     * ICL: ``l(S_pq) + l(S_qp)``;  Soft ICL: ``KD_T(S_pq <- sg S_qp) + KD_T(S_qp <- sg S_pq)``;
     * VCL: ``l(S_pp) + l(S_qq)`` (``vcl_once``: ``sum_p l(S_pp)`` over the embedding sets instead, MCL's

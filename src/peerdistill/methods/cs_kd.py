@@ -28,7 +28,7 @@ class CSKD(Method):
     Under a mixer one draw mixes the anchors and, with the same partners, box and lambda, the partners:
     mixed partner i holds the same label mixture as mixed anchor i, so it stays a same-class target.
 
-    Defaults (official CIFAR setting, baselines-verified §7): T = 4, lam = 1 (fine-grained datasets: 3).
+    Defaults (official CIFAR setting, baselines §7): T = 4, lam = 1 (fine-grained datasets: 3).
     With more peers every network self-distils independently on the same pairs.
 
     Args:

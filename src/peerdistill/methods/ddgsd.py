@@ -26,7 +26,7 @@ class DDGSD(Method):
     The views are ONE input ``[x_1; x_2]`` of 2B rows (two independent crop + flip draws of the same
     B images, as the SD-Dropout authors' duplicated-index ``DDGSD_Sampler``), so BatchNorm normalises
     both together. With z_1, z_2 the logits and f_1, f_2 the pooled features of the halves
-    (baselines-verified §8, the authors' ``models/methods.py`` ``DDGSD``, the version SD-Dropout
+    (baselines §8, the authors' ``models/methods.py`` ``DDGSD``, the version SD-Dropout
     combines with):
 
         L = ce_weight * [CE(z_1) + CE(z_2)] + lam * T^2 [KL(p_2 || p_1) + KL(p_1 || p_2)]  (targets detached)

@@ -23,7 +23,7 @@ class DKEL(PCL):
     trained alone for a few steps before the first epoch, is averaged with a fixed decay so that this
     head start persists, and its peers teach through a decaying ensemble.
 
-    Differences from :class:`~peerdistill.methods.pcl.PCL` (methods.md §2.1), everything else equal:
+    Differences from :class:`~peerdistill.methods.pcl.PCL` (spec §2.1), everything else equal:
 
     * teacher initialisation (``before_training``, once per run, checkpointed): the EMA copy, trainable
       and in train mode, takes ``init + 1`` plain SGD steps (lr = base_lr/100, no momentum, the config's
@@ -36,7 +36,7 @@ class DKEL(PCL):
       scales ``kd_ens{i}``;
     * ``ema_schedule="fixed"`` by default: a = 0.999 from the first update. The code's mean-teacher
       schedule (``meanteacher``) has a_0 = 0 and overwrites the initialised teacher's parameters with
-      the student's after one step (only its BN statistics keep a trace; methods.md §2.2).
+      the student's after one step (only its BN statistics keep a trace; spec §2.2).
 
     Args:
         temperature: T of every KD term.

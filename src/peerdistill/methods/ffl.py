@@ -64,7 +64,7 @@ class FFL(Method):
     the official code: 2 branches on a shared trunk, i.e. FFL-S in the PCL table) builds a branched
     cohort; ``shared=false`` trains independent, possibly heterogeneous sub-networks
     (``model=resnet8,resnet14``) whose last maps must agree in spatial size. Which setting the paper calls
-    FFL-S is unverified (baselines-verified §6). Evaluated heads: every sub-network, their probability
+    FFL-S is unverified (baselines §6). Evaluated heads: every sub-network, their probability
     ensemble, and ``fused``.
 
     Args:

@@ -1,6 +1,6 @@
 """Pure loss maths shared by every method: one KL, one reduction convention.
 
-Convention (all reference codes, methods.md §0): a KD term is
+Convention (all reference codes, spec §0): a KD term is
 ``T^2 * KL(softmax(t / T) || softmax(s / T))`` summed over classes and averaged over the batch.
 Losses are computed in float32 even under autocast.
 """

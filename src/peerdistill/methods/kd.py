@@ -1,5 +1,5 @@
 """KD: offline knowledge distillation from a frozen teacher (Hinton et al., 2015), with Good-DA-in-KD's
-extra-augmented-batch protocol as an option (Wang et al., NeurIPS 2022; methods.md §5.2)."""
+extra-augmented-batch protocol as an option (Wang et al., NeurIPS 2022; spec §5.2)."""
 from __future__ import annotations
 
 from typing import Any
@@ -29,7 +29,7 @@ class KD(Method):
     The teacher is one peer of another run (its directory or a checkpoint file), loaded frozen by the
     engine (eval mode, no gradient, never in the optimizer or this run's checkpoint) and evaluated on
     exactly the input each student sees, so under a mixer it scores the same mixed images; the CE term
-    uses the mixed labels. The defaults are the Good-DA-in-KD / CRD setting (methods.md §7):
+    uses the mixed labels. The defaults are the Good-DA-in-KD / CRD setting (spec §7):
     ``gamma = 0.1, alpha = 0.9, T = 4``; the CE term is always against the (possibly mixed) true labels.
 
     With ``extra_aug`` (any name of :mod:`peerdistill.data.augmentations` or any mixer, e.g.

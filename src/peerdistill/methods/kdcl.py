@@ -13,7 +13,7 @@ class KDCL(Method):
     """Independent students, each on its own augmentation of the batch, distil from one soft target
     ensembled from all the students' logits.
 
-    No authors' code is public and the paper was not read (baselines-verified §5: UNVERIFIED); this is
+    No authors' code is public and the paper was not read (baselines §5: UNVERIFIED); this is
     a reconstruction from the abstract and third-party code. Each student i trains on its own view
     (``views="per_peer"``: an independent crop / flip / cutout of the same images, KDCL's "differently
     distorted" inputs), so the ensemble combines the students' outputs on their own views. The target

@@ -1,5 +1,5 @@
 """L-MCL: layer-wise mutual contrastive learning with meta-learned layer matching (Yang et al., TPAMI 2023;
-methods.md §3.2; code winycg/L-MCL ``main_layer_mcl_cifar_meta.py``)."""
+spec §3.2; code winycg/L-MCL ``main_layer_mcl_cifar_meta.py``)."""
 from __future__ import annotations
 
 
@@ -41,7 +41,7 @@ class LMCL(Method):
     VCL / ICL / Soft VCL / Soft ICL block runs over every ordered pair of networks and every pair of
     stages, each anchor row weighted by a meta-learned layer-matching weight.
 
-    Loss (methods.md §3.2 step 3): ``sum_{m,k} CE(z_mk) + sum_m CE(agg_m) + sum_i sum_j KD_T(z_i,final <-
+    Loss (spec §3.2 step 3): ``sum_{m,k} CE(z_mk) + sum_m CE(agg_m) + sum_i sum_j KD_T(z_i,final <-
     sg agg_j) + alpha VCL + gamma SoftVCL + beta ICL + lambda SoftICL`` (tau = 0.1, T = 3). Terms:
     ``ce{m}`` (backbone), ``ce_aux{m}``, ``ce_agg{m}``, ``kd{m}``, ``vcl``, ``icl``, ``soft_vcl``, ``soft_icl``.
     Every ``meta_freq`` batches of an epoch (from the first, as the code) a meta step on the current

@@ -1,4 +1,4 @@
-"""The trainable parts L-MCL adds to each network (methods.md §3.2): auxiliary feature-refinement
+"""The trainable parts L-MCL adds to each network (spec §3.2): auxiliary feature-refinement
 branches, the stage aggregator and the meta-learned layer-matching weight network."""
 from __future__ import annotations
 

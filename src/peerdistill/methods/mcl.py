@@ -1,4 +1,4 @@
-"""MCL: mutual contrastive learning for online KD (Yang et al., AAAI 2022 / TPAMI 2023; methods.md §3.1)."""
+"""MCL: mutual contrastive learning for online KD (Yang et al., AAAI 2022 / TPAMI 2023; spec §3.1)."""
 from __future__ import annotations
 
 import math

@@ -35,7 +35,7 @@ def unrolled_hypergradient(inner: Callable[[Params, Params], Tensor], outer: Cal
     """Exact ``dF/dlambda`` of ``F(lambda) = outer(theta_{T+1})`` through the unrolled trajectory
 
     ``theta_{t+1} = SGD step of inner(theta_t, lambda)`` for ``t < T = times``, then one SGD step of
-    ``outer`` (L-MCL: ``MetaSGD`` steps on the weighted contrastive loss, one on the CE, methods.md §3.2).
+    ``outer`` (L-MCL: ``MetaSGD`` steps on the weighted contrastive loss, one on the CE, spec §3.2).
     The momentum starts from zero, as the code's rolled-back ``MetaSGD`` does at every meta step.
 
     Args:

@@ -1,6 +1,6 @@
 """MSA: the mixed-sample online distillation framework of Shen et al. (arXiv 2206.12370), reconstructed.
 
-Only the abstract is known (methods.md §4): a cohort trained with Cut^nMix, distilling with
+Only the abstract is known (spec §4): a cohort trained with Cut^nMix, distilling with
 "feature-level mutual learning" and a "self-ensemble teacher". The loss forms, their weights and the
 teacher's construction below are our reading, each behind a switch, documented in docs/parts/msa.md.
 The mixer is not set here: the user (or a preset) sets ``mixer=cutnmix``.

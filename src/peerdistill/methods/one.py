@@ -32,7 +32,7 @@ class ONE(Method):
 
     Gate (official code ``models/cifar/resnet.py``, MCL-OKD ``models/one_resnet.py``): on the global
     average pool of the last shared stage, ``g = softmax(ReLU(BN(FC(gap))))`` with FC: C -> m; the
-    teacher logits are ``z_e = sum_i g_i z_i``. Loss (methods.md §7):
+    teacher logits are ``z_e = sum_i g_i z_i``. Loss (spec §7):
 
         L = sum_i CE(z_i) + CE(z_e) + w(e) * sum_i T^2 KL(softmax(sg(z_e)/T) || softmax(z_i/T)),  T = 3
 

@@ -22,7 +22,7 @@ def code_rampup(epoch: int, length: float, scale: float) -> float:
     """The ramp-up exactly as the shaoeric PCL/DKEL code computes it (``compute_rampup_weight``):
     ``scale if e > length else scale * exp(-5 (1 - e / scale)^2)``. It divides by ``scale`` (``lambd``)
     where ``length`` (``alpha``) was meant, so with scale 1 it is e^-5, 1, e^-5, then ~0 up to epoch 80
-    (the value at e = length is ~0 too), and ``scale`` from epoch 81 on (methods.md §1.2)."""
+    (the value at e = length is ~0 too), and ``scale`` from epoch 81 on (spec §1.2)."""
     if epoch > length:
         return scale
     if scale == 0:  # the code would divide by zero; the weight is 0 either way
@@ -43,7 +43,7 @@ class PCL(Method):
     teacher (a classifier on the concatenated branch embeddings) and by the temporal-mean (EMA) copies
     of the other peers.
 
-    Per iteration (methods.md §1.2; T = 3; z_i: branch i on view i; z_e = FC([f_1, ..., f_m]); z̄_j: the
+    Per iteration (spec §1.2; T = 3; z_i: branch i on view i; z_e = FC([f_1, ..., f_m]); z̄_j: the
     EMA copy's branch j on view j, run in train mode with its own BN statistics)::
 
         L = CE(z_e) + sum_i [ CE(z_i) + w(e) KD_T(z_i, sg z_e) + w(e)/(m-1) sum_{j != i} KD_T(z_i, z̄_j) ]

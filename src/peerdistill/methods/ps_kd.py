@@ -29,7 +29,7 @@ class PSKD(Method):
     """Each network trains on a soft target that mixes the label with its own prediction of the
     sample from the previous epoch, trusted more as training goes on.
 
-    Official code (``lgcnsai/PS-KD-Pytorch`` ``main.py``, baselines-verified §11): at epoch e (0-based)
+    Official code (``lgcnsai/PS-KD-Pytorch`` ``main.py``, baselines §11): at epoch e (0-based)
     of E, ``y_soft = (1 - a_e) onehot(y) + a_e P[idx]`` with ``a_e = alpha_T (e + 1) / E``, and the
     soft-target cross-entropy ``-sum_k y_soft,k log softmax(z)_k`` *replaces* CE (term ``ce{i}``). P is a
     per-sample store (N x K per network, a checkpointed buffer) of the softmax of the training-mode

@@ -53,7 +53,7 @@ class SDDTerm:
 
 @METHODS.register("sd_dropout")
 class SDDropout(SDDTerm, Method):
-    """Each network distils between two dropout samples of its own pooled embedding (methods.md §6.1).
+    """Each network distils between two dropout samples of its own pooled embedding (spec §6.1).
 
     With ``f`` the pooled penultimate feature (``PeerOutput.embedding``) and ``W, b`` the network's own
     classifier: ``f_u = u * f``, ``f_v = v * f`` with independent inverted-dropout masks (keep
@@ -110,7 +110,7 @@ class SDDropoutAddOn(SDDTerm, AddOn):
     The method decides what the term acts on: by default each network's pooled embedding with its own
     classifier (DML: each network with its own FC, BYOT: the final feature, CS-KD: the anchors); DDGSD
     gives both views as one feature with ``halves=True``: one mask over the 2B rows and the KL between
-    the dropped outputs of view 1 and view 2 (methods.md §6.2). With ``halves`` the ``"both"``,
+    the dropped outputs of view 1 and view 2 (spec §6.2). With ``halves`` the ``"both"``,
     ``"forward"`` and ``"reverse"`` variants take view 1 as u and view 2 as v; ``"v2"`` is per row.
     The variants and ``detach`` are those of method ``sd_dropout``.
 

@@ -17,7 +17,7 @@ class TFKD(Method):
     """Tf-KD_reg: each network is pulled towards a virtual teacher that puts ``correct_prob`` on the true
     class and spreads the rest uniformly, a label-smoothing-like regulariser.
 
-    Exactly the official ``loss_kd_regularization`` (baselines-verified §10.1): with u_k = a for the true
+    Exactly the official ``loss_kd_regularization`` (baselines §10.1): with u_k = a for the true
     class and (1 - a)/(K - 1) otherwise (a = 0.99, hard-coded there), the teacher is q = softmax(u / tau)
     -- the softmax is applied to the probabilities themselves, so q is nearly uniform (CIFAR-100,
     tau = 20: q_y ~ 0.0105 against ~0.0100) and the term acts as a pull towards uniform -- the student is

@@ -1,4 +1,4 @@
-"""T. stddev (Good-DA-in-KD, Wang et al., NeurIPS 2022; methods.md §5.4): the stddev of the teacher's
+"""T. stddev (Good-DA-in-KD, Wang et al., NeurIPS 2022; spec §5.4): the stddev of the teacher's
 mean probability, a teacher-only proxy for how good an augmentation is for KD (lower is better).
 
 Exactly as the authors' ``check_ce_var`` loop [CODE helper/loops.py]: every iteration appends the

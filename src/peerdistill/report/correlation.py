@@ -1,4 +1,4 @@
-"""Does a lower T. stddev mean a lower student test loss? (Good-DA-in-KD, methods.md §5.1, §5.6)
+"""Does a lower T. stddev mean a lower student test loss? (Good-DA-in-KD, spec §5.1, §5.6)
 
 Joins the JSON of ``peerdistill tstddev`` with KD student runs, one group of seeds per augmentation
 (the run's ``method.extra_aug`` and ``method.extra_aug_args``), and reports the Pearson, Spearman and
