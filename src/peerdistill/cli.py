@@ -40,12 +40,14 @@ def _fmt_params(params: dict[str, object]) -> str:
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.mix import MIXERS
+    from .data.augmentations import AUGMENTATIONS
     from .methods import ADDONS, METHODS
     from .models import MODELS
 
     for title, reg, skip in (("methods", METHODS, ()), ("add-ons", ADDONS, ()),
                              ("models", MODELS, ("num_classes", "in_channels")),
-                             ("datasets", DATASETS, ()), ("mixers", MIXERS, ())):
+                             ("datasets", DATASETS, ()), ("mixers", MIXERS, ()),
+                             ("augmentations (kd method.extra_aug, tstddev)", AUGMENTATIONS, ())):
         print(f"{title}:")
         for name in reg:
             params = {k: v for k, v in reg.params(name).items() if k not in skip}
@@ -115,7 +117,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)  # a command may return its exit status (sweep: 1 if a run did not finish)
     except PeerdistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {(e.strerror or str(e)).lower()}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last completed epoch is in checkpoints/last.pt (continue with --resume)",
+        print("interrupted; a run's last completed epoch is in its checkpoints/last.pt (continue with --resume)",
               file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ class SDDTerm:
 
 @METHODS.register("sd_dropout")
 class SDDropout(SDDTerm, Method):
-    """Each network distils between two dropout samples of its own pooled embedding (spec §6.1).
+    """Each network distils between two dropout samples of its own pooled embedding, through its own classifier:
+    forward plus reverse KL, on top of CE on the un-dropped logits (spec §6.1).
+
 
     With ``f`` the pooled penultimate feature (``PeerOutput.embedding``) and ``W, b`` the network's own
     classifier: ``f_u = u * f``, ``f_v = v * f`` with independent inverted-dropout masks (keep
