@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test evidence clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: setup data
 
 test: setup data
 	$(BIN)/python -m pytest
+
+# Every study behind docs/RESULTS.md, then the document (hours on 2 cores; restartable: finished runs are kept).
+evidence: setup data
+	PATH=$(abspath $(BIN)):$$PATH studies/run_all.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

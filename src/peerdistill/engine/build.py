@@ -92,7 +92,7 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     if cfg.robustness is not None:
         from .robust import options_from_mapping
 
-        options_from_mapping(cfg.robustness)
+        options_from_mapping(cfg.robustness).check()
     if len(cfg.optim.betas) != 2:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import Tensor
 from .. import config as C
 from ..data import ImageSet
 from ..errors import PeerdistillError, nearest
+from ..params import check_value
 from ..fileio import find_dataset_dir
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
@@ -99,9 +101,11 @@ def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
     d = dict(d)
     limit = d.pop("limit", None)
     names = [f.name for f in fields(RobustOptions)]
-    for k in d:
+    hints = typing.get_type_hints(RobustOptions)
+    for k, v in d.items():
         if k not in names:
             raise PeerdistillError(f"unknown robustness option {k!r}{nearest(k, [*names, 'limit'])}")
+        d[k] = check_value(v, hints[k], f"robustness option {k!r}")
     opt = RobustOptions(**d)
     if limit is not None:
         opt.adv_limit = opt.corruption_limit = opt.ood_limit = int(limit)
@@ -384,7 +388,8 @@ def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = 
 
 
 def record(ev: Evaluated, out: dict[str, Any]) -> Path:
-    """Merge into ``<run>/eval.json``: ``checkpoints.<file>.<part>.<settings key>`` (atomic write)."""
+    """Merge into ``<run>/eval.json``: ``checkpoints.<file>.<part>.<settings key>``, and the results of the
+    latest evaluation of each part as ``latest.<part>`` (what study columns read), in one atomic write."""
     path = ev.run_dir / "eval.json"
     try:
         store = json.loads(path.read_text()) if path.is_file() else {}
@@ -398,6 +403,7 @@ def record(ev: Evaluated, out: dict[str, Any]) -> Path:
             entry.setdefault(part, {})[res["key"]] = {
                 "settings": res["settings"], "results": res["results"], "seconds": res["seconds"],
                 "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            store.setdefault("latest", {})[part] = {"checkpoint": ev.ckpt_path.name, **res["results"]}
     write_json(path, store)
     return path
 
