@@ -187,7 +187,7 @@ def paper_sections(runs: Path) -> list[str]:
     def vals(rows: dict[str, Row], name: str, get: Any) -> list[float]:
         return rows[name].values(get) if name in rows else []
 
-    peers, ens, ema0 = final("peers"), final("ensemble"), final("ema0")
+    peers, ema0 = final("peers"), final("ema0")
     out: list[str] = []
 
     out += ["## 1. Mixed Sample Augmentation for Online Distillation (CutMix, Cut^nMix, the framework)", "",

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny synthetic configs that train in well under a second per epoch."""
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,52 @@ def _few_threads() -> None:
 
 def have_fmnist() -> bool:
     return (FMNIST / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads(what: str = "a training step") -> Iterator[None]:
+    """Inside the block every Python-level tensor-to-host read raises (on a GPU each one is a device
+    synchronisation, DESIGN §7), except ``host_values``, which reads CPU-generator draws only."""
+    from peerdistill.data.host import host_values
+
+    originals = {attr: getattr(torch.Tensor, attr) for attr in HOST_READS}
+
+    def guarded(attr: str):
+        original = originals[attr]
+
+        def read(*args, **kwargs):
+            if sys._getframe(1).f_code is not host_values.__code__:
+                raise AssertionError(f"{what} called Tensor.{attr}")
+            return original(*args, **kwargs)
+        return read
+
+    try:
+        for attr in HOST_READS:
+            setattr(torch.Tensor, attr, guarded(attr))
+        yield
+    finally:
+        for attr, original in originals.items():
+            setattr(torch.Tensor, attr, original)
+
+
+def killed_and_resumed(cfg: Callable[[], Config], out: Path, monkeypatch, after: int = 1) -> dict:
+    """Train ``cfg()`` into ``out``, killed (KeyboardInterrupt) once epoch ``after`` is checkpointed, then
+    ``--resume`` it to the end; returns the resumed run's summary."""
+    from peerdistill.engine.run import train
+    from peerdistill.report.logger import RunLogger
+
+    real = RunLogger.epoch
+
+    def killed(self, record):
+        real(self, record)
+        if record["epoch"] == after:
+            raise KeyboardInterrupt  # the process dies after that epoch was checkpointed
+
+    monkeypatch.setattr(RunLogger, "epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(), out, echo=False)
+    monkeypatch.setattr(RunLogger, "epoch", real)
+    return train(cfg(), resume=out, echo=False)

@@ -11,9 +11,8 @@ from peerdistill.engine import run as run_mod
 from peerdistill.engine.trainer import NonFiniteLoss, Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods.independent import Independent
-from peerdistill.report.logger import RunLogger
 
-from .conftest import tiny_cfg
+from .conftest import killed_and_resumed, tiny_cfg
 
 
 def test_run_leaves_documented_outputs(tmp_path):
@@ -39,20 +38,8 @@ def test_run_leaves_documented_outputs(tmp_path):
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     cfg = tiny_cfg("epochs=3", "mixer=cutmix", "mixer.prob=1.0")
     full = run_mod.train(cfg, tmp_path / "full", echo=False)
-
-    real_epoch = RunLogger.epoch
-
-    def killed_after_first(self, record):
-        real_epoch(self, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt  # the process dies after epoch 1 was checkpointed
-
-    monkeypatch.setattr(RunLogger, "epoch", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_mod.train(tiny_cfg("epochs=3", "mixer=cutmix", "mixer.prob=1.0"), tmp_path / "cut", echo=False)
-    monkeypatch.setattr(RunLogger, "epoch", real_epoch)
-    resumed = run_mod.train(tiny_cfg("epochs=3", "mixer=cutmix", "mixer.prob=1.0"), resume=tmp_path / "cut",
-                            echo=False)
+    resumed = killed_and_resumed(lambda: tiny_cfg("epochs=3", "mixer=cutmix", "mixer.prob=1.0"), tmp_path / "cut",
+                                 monkeypatch)
     assert resumed["final"] == full["final"]
     assert resumed["best"] == full["best"]
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]

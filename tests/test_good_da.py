@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from peerdistill.cli import main
 from peerdistill.config import load
 from peerdistill.data.augment import BatchAugment
 from peerdistill.data.augmentations import AUTOAUGMENT_EXTRA, aug_label, build_augmentation, to_uint8
-from peerdistill.data.host import host_values
 from peerdistill.data.mix import random_perm
 from peerdistill.data.pick import CutMixPick
 from peerdistill.data.views import ViewContext
@@ -28,7 +26,8 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS
 from peerdistill.methods.kd import AUG
 from peerdistill.metrics.tstddev import GroupMeans, t_stddev
-from peerdistill.report.logger import RunLogger
+
+from .conftest import killed_and_resumed, no_host_reads
 
 BASE = ["data.name=synthetic", "data.size=96", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -269,18 +268,7 @@ def test_protocol_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
     cfg = load(None, [*BASE, "method=kd", f"method.teacher={teacher_dir}", "peers=1", f"method.extra_aug={aug}",
                       "epochs=2", "data.val_split=0"])
     full = train(cfg, out_dir=tmp_path / "full", echo=False)
-    real_epoch = RunLogger.epoch
-
-    def killed_after_first(self, record):
-        real_epoch(self, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt  # the process dies after epoch 1 was checkpointed
-
-    monkeypatch.setattr(RunLogger, "epoch", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out_dir=tmp_path / "cut", echo=False)
-    monkeypatch.setattr(RunLogger, "epoch", real_epoch)
-    resumed = train(cfg, resume=tmp_path / "cut", echo=False)
+    resumed = killed_and_resumed(lambda: cfg, tmp_path / "cut", monkeypatch)
     assert resumed["final"] == full["final"]
     a, b = (load_checkpoint(tmp_path / d)["cohort"] for d in ("full", "cut"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
@@ -391,20 +379,8 @@ def test_protocol_step_reads_nothing_back_to_the_host(teacher_dir, monkeypatch):
         tr = kd_trainer(teacher_dir, f"method.extra_aug={aug}", "method.lw_mix=[1, 0.5, 1]")
         batch = next(iter(tr.train_loader))
         tr.train_step(batch)
-
-        def guarded(attr):
-            original = getattr(torch.Tensor, attr)
-
-            def read(*args, **kwargs):
-                if sys._getframe(1).f_code is not host_values.__code__:
-                    raise AssertionError(f"a training step with extra_aug={aug} called Tensor.{attr}")
-                return original(*args, **kwargs)
-            return read
-
-        for attr in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-            monkeypatch.setattr(torch.Tensor, attr, guarded(attr))
-        tr.train_step(batch)
-        monkeypatch.undo()
+        with no_host_reads(f"a training step with extra_aug={aug}"):
+            tr.train_step(batch)
 
 
 def test_students_sharing_a_view_share_one_augmented_batch(teacher_dir):

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from hypothesis import strategies as st
 
 from peerdistill import config as C
 from peerdistill.cli import main
-from peerdistill.data import DATASETS  # noqa: F401  (registers the sources)
 from peerdistill.data.mix import MIXERS
 from peerdistill.engine import run as run_mod
 from peerdistill.engine.checkpoint import load_checkpoint

@@ -6,7 +6,6 @@ precision), the schedule, no host reads, exact resume of the weight network and 
 from __future__ import annotations
 
 import copy
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from peerdistill.config import load
-from peerdistill.data.host import host_values
 from peerdistill.data.views import View
 from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.trainer import Trainer
@@ -22,6 +20,8 @@ from peerdistill.methods import StepRecord
 from peerdistill.methods.lmcl import LMCL
 
 from .test_mcl import hand_projection, np_kd, np_log_softmax, np_supcon
+
+from .conftest import no_host_reads
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -227,20 +227,8 @@ def test_meta_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     tr = trainer(*SMALL)
     rec = record(tr)
     tr.method.meta_step(rec)  # first call outside the guard
-
-    def guarded(attr):
-        original = getattr(torch.Tensor, attr)
-
-        def read(*args, **kwargs):
-            if sys._getframe(1).f_code is not host_values.__code__:
-                raise AssertionError(f"the meta step called Tensor.{attr}")
-            return original(*args, **kwargs)
-        return read
-
-    for attr in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, attr, guarded(attr))
-    tr.method.meta_step(rec)
-    monkeypatch.undo()
+    with no_host_reads("the meta step"):
+        tr.method.meta_step(rec)
 
 
 def test_weight_network_and_its_optimizer_resume_exactly(tmp_path):

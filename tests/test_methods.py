@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -19,10 +18,11 @@ from peerdistill.engine.checkpoint import load_checkpoint, save_atomic
 from peerdistill.engine.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
-from peerdistill.data.host import host_values
 from peerdistill.methods import METHODS, StepRecord
 from peerdistill.methods import sd_dropout as sdd_mod
 from peerdistill.methods.functional import kd_kl, sigmoid_rampup, soft_ce
+
+from .conftest import no_host_reads
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -404,9 +404,6 @@ def test_checkpoint_round_trip(name, tmp_path, request):
 
 
 # ------------------------------------------------------------------ no host reads inside a step
-HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_training_step_never_reads_a_tensor_back_to_the_host(name, teacher_dir, monkeypatch):
     """On a GPU every such read is a device synchronisation; the step must have none (DESIGN §7), so a
@@ -415,18 +412,6 @@ def test_training_step_never_reads_a_tensor_back_to_the_host(name, teacher_dir, 
     tr = method_trainer(name, teacher_dir, "mixer=cutmix", "mixer.prob=0.5")
     batch = first_batch(tr)
     tr.train_step(batch)  # first step outside the guard: lazy initialisation may inspect values
-
-    def guarded(attr):
-        original = getattr(torch.Tensor, attr)
-
-        def read(*args, **kwargs):
-            if sys._getframe(1).f_code is not host_values.__code__:
-                raise AssertionError(f"a training step called Tensor.{attr}")
-            return original(*args, **kwargs)
-        return read
-
-    for attr in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, attr, guarded(attr))
-    for _ in range(4):  # with prob 0.5, some steps mix and some do not
-        tr.train_step(batch)
-    monkeypatch.undo()
+    with no_host_reads():
+        for _ in range(4):  # with prob 0.5, some steps mix and some do not
+            tr.train_step(batch)

@@ -18,7 +18,8 @@ from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS, Method, PeerOutput, StepRecord
 from peerdistill.methods.functional import attention_transfer, channel_kl, kd_soft, normalized_mse
-from peerdistill.report.logger import RunLogger
+
+from .conftest import killed_and_resumed
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -330,18 +331,7 @@ def test_resume_with_temporal_ensemble_is_exact(tmp_path, monkeypatch):
     over = ["method=msa", "peers=2", "method.se_teacher=temporal", "mixer=cutnmix", "mixer.prob=0.5", "epochs=2",
             "data.size=48"]
     train(load(None, [*BASE, *over]), tmp_path / "full", echo=False)
-    real_epoch = RunLogger.epoch
-
-    def killed_after_first(self, record):
-        real_epoch(self, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt  # the process dies once epoch 1 is checkpointed
-
-    monkeypatch.setattr(RunLogger, "epoch", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        train(load(None, [*BASE, *over]), tmp_path / "cut", echo=False)
-    monkeypatch.setattr(RunLogger, "epoch", real_epoch)
-    train(load(None, [*BASE, *over]), resume=tmp_path / "cut", echo=False)
+    killed_and_resumed(lambda: load(None, [*BASE, *over]), tmp_path / "cut", monkeypatch)
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("full", "cut"))
     assert int(a["method"]["seen"].sum()) > 0 and a["step"] == b["step"] == 6
     for part in ("cohort", "method"):

@@ -22,7 +22,8 @@ from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import METHODS, DataInfo, PeerOutput, StepRecord
 from peerdistill.methods.pcl import code_rampup
 from peerdistill.models.cohort import build_cohort
-from peerdistill.report.logger import RunLogger
+
+from .conftest import killed_and_resumed
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -313,18 +314,7 @@ def test_resume_after_kill_matches_uninterrupted(name, extra, tmp_path, monkeypa
     for plot in ("plot_history", "plot_reliability"):  # not what this test is about, and slow
         monkeypatch.setattr(run_mod, plot, lambda *a, **k: None)
     full = run_mod.train(load(None, over), tmp_path / "full", echo=False)
-    real = RunLogger.epoch
-
-    def killed_after_first(self, rec):
-        real(self, rec)
-        if rec["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunLogger, "epoch", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_mod.train(load(None, over), tmp_path / "cut", echo=False)
-    monkeypatch.setattr(RunLogger, "epoch", real)
-    resumed = run_mod.train(load(None, over), resume=tmp_path / "cut", echo=False)
+    resumed = killed_and_resumed(lambda: load(None, over), tmp_path / "cut", monkeypatch)
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("full", "cut"))
     for part in ("cohort", "method", "ema"):

@@ -15,7 +15,8 @@ from peerdistill.config import load
 from peerdistill.engine import run as run_mod
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import sd_dropout as sdd_mod
-from peerdistill.report.logger import RunLogger
+
+from .conftest import killed_and_resumed
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -295,18 +296,7 @@ def test_ps_kd_mixed_batches_mix_the_targets_and_store_nothing():
 def test_ps_kd_resume_continues_with_the_exact_stored_predictions(tmp_path, monkeypatch):
     over = [*BASE, "method=ps_kd", "peers=1", "epochs=2"]
     full = run_mod.train(load(None, over), tmp_path / "full", echo=False)
-    real = RunLogger.epoch
-
-    def killed_after_first(self, record):
-        real(self, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunLogger, "epoch", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_mod.train(load(None, over), tmp_path / "cut", echo=False)
-    monkeypatch.setattr(RunLogger, "epoch", real)
-    resumed = run_mod.train(load(None, over), resume=tmp_path / "cut", echo=False)
+    resumed = killed_and_resumed(lambda: load(None, over), tmp_path / "cut", monkeypatch)
     assert resumed["final"] == full["final"]
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("full", "cut"))
     assert torch.equal(a["method"]["store"], b["method"]["store"])

@@ -323,7 +323,7 @@ class Trainer:
             save_atomic(state, path)
         except (OSError, RuntimeError) as e:
             since = (f"--resume {self.out_dir} continues from epoch {self.saved_epoch}" if self.saved_epoch
-                     else f"no checkpoint was written yet, so the run restarts from scratch")
+                     else "no checkpoint was written yet, so the run restarts from scratch")
             raise PeerdistillError(f"could not write {path} ({write_failure(e, path, state)}); the previous "
                                    f"checkpoint is intact; {since}") from None
         if name == "last.pt":
