@@ -18,6 +18,8 @@ step() {  # step NAME COMMAND...: run, time, record
 step mixed_samples "$PD" sweep studies/mixed_samples.yaml
 step good_da_teacher "$PD" sweep studies/good_da_teacher.yaml
 [ -f runs/good_da/tstddev.json ] || step tstddev "$PD" tstddev runs/good_da_teacher/teacher_s0 --out runs/good_da/tstddev.json --no-progress
+[ -f runs/good_da/tstddev_stability.json ] || step tstddev_stability python studies/tstddev_stability.py \
+  runs/good_da_teacher/teacher_s0 runs/good_da/tstddev.json
 step good_da "$PD" sweep studies/good_da.yaml
 step correlate "$PD" correlate runs/good_da/tstddev.json runs/good_da/extra_aug-*_s*
 step self_kd "$PD" sweep studies/self_kd.yaml
