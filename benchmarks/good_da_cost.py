@@ -1,4 +1,4 @@
-"""CPU cost of the Good-DA Fashion-MNIST study's training steps (docs/parts/good_da.md §6).
+"""CPU cost of the Good-DA Fashion-MNIST study's training steps (docs/good-da.md §6).
 
 Measures ``time.process_time`` per training step of 128 images on ONE thread -- robust to a machine busy
 with other jobs, unlike wall time -- for candidate teachers and for KD students with an extra augmented

@@ -1,4 +1,4 @@
-"""Per-step cost of the three ways to mix a cohort's inputs and make its KD targets (docs/parts/msa.md):
+"""Per-step cost of the three ways to mix a cohort's inputs and make its KD targets (docs/methods.md, "Per-view mixing and the KD targets"):
 (a) one shared mixing draw, (b) a draw per peer with peer targets re-run on the student's image, (c) a draw
 per peer with targets mixed from a pass over the unmixed batch. Times `peerdistill bench` for each and
 prints one table (ms per step and the per-phase breakdown).

@@ -187,7 +187,7 @@ def pcl_trainer():
 def test_pcl_cohort_views_and_ema_outputs(pcl_trainer):
     tr = pcl_trainer
     assert len(tr.cohort) == 3 and tr.cohort.shared == 2 and tr.ema.warmup == "meanteacher"
-    assert tr.method.ensemble_fc.in_features == 3 * 64 and tr.ema.buffers == "own"
+    assert tr.method.ensemble_fc.in_features == 3 * 64 and tr.ema.buffer_mode == "own"
     rec = record(tr)
     assert not torch.equal(rec.views[0].x, rec.views[1].x) and not torch.equal(rec.views[1].x, rec.views[2].x)
     teacher = copy.deepcopy(tr.ema.module).train()  # train mode: batch statistics, as the engine ran it

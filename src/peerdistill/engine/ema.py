@@ -30,7 +30,7 @@ class EMA(nn.Module):
         super().__init__()
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
-        self.decay, self.warmup, self.buffers = decay, warmup, buffers
+        self.decay, self.warmup, self.buffer_mode = decay, warmup, buffers  # not `buffers`: nn.Module.buffers()
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         # Host-side mirror of ``updates``: reading the buffer every step would synchronise with the
         # device (DESIGN §7). ``None`` after a checkpoint load: read once at the next update.
@@ -47,7 +47,7 @@ class EMA(nn.Module):
         ema_p = [p for p in self.module.parameters()]
         src_p = [p.detach() for p in source.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - a)  # weight 1 (a = 0) copies the source exactly
-        if self.buffers == "copy":
+        if self.buffer_mode == "copy":
             for b_ema, b_src in zip(self.module.buffers(), source.buffers()):
                 b_ema.copy_(b_src)
         self.updates += 1

@@ -2,7 +2,7 @@
 
 Only the abstract is known (spec §4): a cohort trained with Cut^nMix, distilling with
 "feature-level mutual learning" and a "self-ensemble teacher". The loss forms, their weights and the
-teacher's construction below are our reading, each behind a switch, documented in docs/parts/msa.md.
+teacher's construction below are our reading, each behind a switch, documented in docs/methods.md.
 The mixer is not set here: the user (or a preset) sets ``mixer=cutnmix``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class MSA(Method):
         feat_loss: ``at`` (attention transfer), ``mse`` (of L2-normalised maps) or ``kl`` (over the
             channel softmax at each position).
         feat_weight: weight of the feature term; 0 = off. 0.1 by a small measurement (1 stalls early
-            training with ``at``; docs/parts/msa.md).
+            training with ``at``; docs/methods.md).
         feat_temperature: temperature of ``feat_loss=kl``.
         se_teacher: ``ema``: the probability ensemble of an EMA copy of the cohort on the same image;
             ``temporal``: a per-sample temporal ensemble of the cohort's predictions on unmixed images.

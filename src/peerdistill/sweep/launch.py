@@ -62,7 +62,7 @@ def plan_slots(todo: int, cores: int, slots: int | None = None, threads: int | N
                gpus: list[str] | None = None, runs_per_gpu: int = 1) -> Plan:
     """Choose slots and threads for ``todo`` runs on ``cores`` cores (and ``gpus`` devices, if any).
 
-    Defaults, from the measurement in docs/parts/sweep.md: one thread per run and as many runs as cores
+    Defaults, from the measurement in docs/studies.md: one thread per run and as many runs as cores
     (small CPU models scale better across processes than across intra-op threads); with fewer runs than
     that, the spare cores become threads. On GPUs, each slot owns ``nproc`` devices (shared by
     ``runs_per_gpu`` runs) and the cores are split between the slots.

@@ -1,6 +1,6 @@
 """A study file and its expansion into runs: base config × grid × named rows × seeds, with stable names.
 
-A study file is YAML (see ``docs/parts/sweep.md``)::
+A study file is YAML (see ``docs/studies.md``)::
 
     name: fmnist-cohorts            # default: the file's stem
     base: configs/fmnist/dml.yaml   # a preset (relative to the study file, else to the current folder)
