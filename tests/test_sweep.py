@@ -231,6 +231,21 @@ def test_failed_run_is_reported_and_others_go_on(tmp_path, shim, capsys, monkeyp
     assert (tmp_path / "out" / "method-independent_s0" / "train.log").read_text().count("fails on purpose") == 1
 
 
+def test_only_runs_the_selected_rows_and_reports_the_rest_unfinished(tmp_path, shim, capsys):
+    path = _study(tmp_path / "s.yaml", grid={"method": ["independent", "dml", "one"]}, seeds=2)
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--only", "*dml,method-one_s1", "--dry-run"]) == 0
+    listing = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert listing["method-dml_s0"] == "new" and listing["method-independent_s0"] == "skipped"
+    assert listing["method-one_s1"] == "new" and listing["method-one_s0"] == "skipped"
+    assert main(["sweep", str(path), "--out", str(out), "--only", "*dml,method-one_s1", "--python", str(shim),
+                 "--no-plots"]) == 1  # the study is not complete
+    assert sorted(c["run"] for c in _calls(tmp_path)) == ["method-dml_s0", "method-dml_s1", "method-one_s1"]
+    assert "| method=dml | 2 | 80.50 ± 0.71 |" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--out", str(out), "--only", "pcl"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_sigterm_stops_the_runs_and_leaves_none_behind(tmp_path, shim, monkeypatch):
     path = _study(tmp_path / "s.yaml", grid={"method": ["independent", "dml"]})
     out = tmp_path / "out"

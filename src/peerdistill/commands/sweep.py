@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from typing import Any
@@ -55,6 +56,19 @@ def _slurm(args: argparse.Namespace, study: Any) -> dict[str, Any]:
     return study.slurm | {k: v for k, v in cli.items() if v is not None}
 
 
+def select_runs(study: Any, patterns: str | None) -> set[str] | None:
+    """The runs whose row (or run name) matches one of the comma-separated shell patterns; None = all."""
+    if not patterns:
+        return None
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = {r.name for r in study.runs if any(fnmatch.fnmatchcase(r.row.id, p) or fnmatch.fnmatchcase(r.name, p)
+                                                for p in wanted)}
+    if not chosen:
+        rows = ", ".join(dict.fromkeys(r.row.id for r in study.runs))
+        raise PeerdistillError(f"--only {patterns!r} matches no run of {study.name} (rows: {rows})")
+    return chosen
+
+
 def run(args: argparse.Namespace) -> int:
     from ..sweep import dry_run, load_study, report_only, run_study
     from ..sweep.runner import check_folders
@@ -66,14 +80,15 @@ def run(args: argparse.Namespace) -> int:
     launcher = args.launcher or str(study.launch.get("launcher", "local"))
     if launcher not in ("local", "torchrun", "submitit"):
         raise PeerdistillError(f"unknown launcher {launcher!r} (local, torchrun, submitit)")
-    todo = sum(s in ("new", "partial") for s in check_folders(study).values())
+    only = select_runs(study, args.only)
+    todo = sum(s in ("new", "partial") and (only is None or n in only) for n, s in check_folders(study).items())
     plan = _plan(args, study, launcher, todo)
     if args.dry_run:
-        dry_run(study, plan, launcher)
+        dry_run(study, plan, launcher, only=only)
         return 0
     try:
         ok = run_study(study, plan, launcher, _slurm(args, study), args.python or sys.executable, args.status_every,
-                       plots=not args.no_plots)
+                       plots=not args.no_plots, only=only)
     except KeyboardInterrupt:  # the runner said what was stopped and how to go on
         return 130
     return 0 if ok else 1  # some run failed or is unfinished: the study's exit status says so
@@ -86,6 +101,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "Exit status 0 when every run finished, 1 otherwise, 2 for a bad study file.")
     s.add_argument("study", help="study file (YAML; see docs: base, config, grid, rows, seeds, baseline, ...)")
     s.add_argument("--out", help="study folder (default: the study's out:, else runs/<name>)")
+    s.add_argument("--only", metavar="ROWS", help="run only the rows (or runs) matching these comma-separated "
+                                                "shell patterns, e.g. 'dml*,pcl' or '*_s0'; the table covers all")
     s.add_argument("--dry-run", action="store_true", help="list the runs and their state (finished/partial/new)")
     s.add_argument("--report-only", action="store_true", help="regenerate study.md, plots and study.json only")
     s.add_argument("--launcher", choices=("local", "torchrun", "submitit"),

@@ -137,8 +137,9 @@ class Progress:
 
 def run_study(study: Study, plan: Plan, launcher: str = "local", slurm: dict[str, Any] | None = None,
               python: str = sys.executable, status_every: float = 60.0, stream: TextIO | None = None,
-              plots: bool = True) -> bool:
-    """Run every unfinished run of ``study``; returns whether all are finished.
+              plots: bool = True, only: set[str] | None = None) -> bool:
+    """Run every unfinished run of ``study`` (of the runs named in ``only``, if given); returns whether all
+    runs of the study are finished.
 
     Runs that fail are reported with the tail of their train.log and do not stop the others. Ctrl-C (or
     SIGTERM) stops the runs, which keep their last checkpoints: running the study again resumes them.
@@ -155,7 +156,7 @@ def run_study(study: Study, plan: Plan, launcher: str = "local", slurm: dict[str
         session = _Session(study, runner, states, Progress(len(study.runs), 0, runner.capacity, stream),
                            {"start": time.time(), "launcher": launcher, "plan": plan.describe(), "started": 0,
                             "failed": 0})
-        session.open(_jobs(study, states, plan, launcher, python))
+        session.open(_jobs(study, states, plan, launcher, python, only))
         session.loop(status_every)
         return session.close(plots)
     finally:
@@ -174,10 +175,11 @@ def _lock_study(study: Study) -> int:
     return fd
 
 
-def _jobs(study: Study, states: dict[str, str], plan: Plan, launcher: str, python: str) -> list[Job]:
+def _jobs(study: Study, states: dict[str, str], plan: Plan, launcher: str, python: str,
+          only: set[str] | None = None) -> list[Job]:
     jobs = []
     for run in study.runs:
-        if states[run.name] not in ("new", "partial"):
+        if states[run.name] not in ("new", "partial") or (only is not None and run.name not in only):
             continue
         d = run_dir(study, run)
         d.mkdir(parents=True, exist_ok=True)
@@ -334,14 +336,17 @@ def report_only(study: Study, stream: TextIO | None = None, plots: bool = True) 
     return text
 
 
-def dry_run(study: Study, plan: Plan, launcher: str, stream: TextIO | None = None) -> dict[str, str]:
-    """List the expanded runs with their state and the command each would run."""
+def dry_run(study: Study, plan: Plan, launcher: str, stream: TextIO | None = None,
+            only: set[str] | None = None) -> dict[str, str]:
+    """List the expanded runs with their state (``skipped``: not selected by ``only``)."""
     states = check_folders(study)
     print(f"study {study.name}: {len(study.runs)} runs in {study.out}; {launcher}: {plan.describe()}", file=stream)
     width = max(len(r.name) for r in study.runs)
     for run in study.runs:
         label = ", ".join(f"{k}={value_text(v)}" for k, v in run.row.overrides.items())
-        print(f"  {run.name:<{width}}  {states[run.name]:<8}  seed={run.seed}  {label}", file=stream)
-    counts = ", ".join(f"{sum(s == k for s in states.values())} {k}" for k in STATES if k in states.values())
+        state = states[run.name] if only is None or run.name in only else "skipped"
+        print(f"  {run.name:<{width}}  {state:<8}  seed={run.seed}  {label}", file=stream)
+    shown = [s if only is None or n in only else "skipped" for n, s in states.items()]
+    counts = ", ".join(f"{shown.count(k)} {k}" for k in (*STATES, "skipped") if k in shown)
     print(f"{counts}; nothing was run (--dry-run)", file=stream)
     return states
