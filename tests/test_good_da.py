@@ -28,6 +28,7 @@ from peerdistill.methods.kd import AUG
 from peerdistill.metrics.tstddev import GroupMeans, t_stddev
 
 from .conftest import killed_and_resumed, no_host_reads
+from .reference import np_kd, np_log_softmax
 
 BASE = ["data.name=synthetic", "data.size=96", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -44,16 +45,6 @@ def teacher_dir(tmp_path_factory):
 
 def kd_trainer(teacher, *over: str) -> Trainer:
     return Trainer(load(None, [*BASE, "method=kd", f"method.teacher={teacher}", "peers=1", *over]), None)
-
-
-def np_log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def np_kd(s, t, temp):
-    ls, lt = np_log_softmax(s / temp), np_log_softmax(t / temp)
-    return float(temp * temp * (np.exp(lt) * (lt - ls)).sum(1).mean())
 
 
 def np_entropy(z):

@@ -16,6 +16,7 @@ from peerdistill.engine.trainer import Trainer
 from peerdistill.methods.contrastive import batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
+from .reference import np_kd
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -42,11 +43,6 @@ def record(tr: Trainer):
 
 
 # ------------------------------------------------------------------ hand-written reference maths
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
 def np_supcon(s: np.ndarray, pos: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> float:
     """-(1/B) sum_i w_i (1/|P_i|) sum_j P_ij (S_ij - log sum_k D_ik exp S_ik), one row at a time."""
     total = 0.0
@@ -55,12 +51,6 @@ def np_supcon(s: np.ndarray, pos: np.ndarray, den: np.ndarray, w: np.ndarray | N
         mean_pos = sum(s[i, j] - log_z for j in range(s.shape[1]) if pos[i, j]) / pos[i].sum()
         total += (1.0 if w is None else w[i]) * mean_pos
     return -total / s.shape[0]
-
-
-def np_kd(student: np.ndarray, teacher: np.ndarray, t: float, w: np.ndarray | None = None) -> float:
-    lt, ls = np_log_softmax(teacher / t), np_log_softmax(student / t)
-    per = (np.exp(lt) * (lt - ls)).sum(1)
-    return float(t * t * (per if w is None else per * w).mean())
 
 
 def np_mcl_terms(v: np.ndarray, y: np.ndarray, instance_positive: bool = False) -> dict[str, float]:

@@ -23,6 +23,7 @@ from peerdistill.methods import sd_dropout as sdd_mod
 from peerdistill.methods.functional import kd_kl, sigmoid_rampup, soft_ce
 
 from .conftest import no_host_reads
+from .reference import branch, first_batch, has_grad, no_grad, np_ce, np_kd, np_log_softmax, record
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -48,46 +49,7 @@ def method_trainer(name: str, teacher: object = None, *extra: str) -> Trainer:
     return make_trainer(*over)
 
 
-def first_batch(tr: Trainer):
-    return next(iter(tr.train_loader))
-
-
-def record(tr: Trainer, epoch: int = 0) -> StepRecord:
-    """One forward through the engine's pieces, without the optimizer step."""
-    tr.epoch = epoch
-    return tr.step_record(first_batch(tr))
-
-
-def no_grad(params) -> bool:
-    return all(p.grad is None or not p.grad.any() for p in params)
-
-
-def has_grad(params) -> bool:
-    return any(p.grad is not None and p.grad.any() for p in params)
-
-
-def branch_params(tr: Trainer, i: int) -> list[torch.nn.Parameter]:
-    """Peer i's own (unshared) parameters: stages after the trunk plus its classifier."""
-    net = tr.cohort.nets[i]
-    return [p for s in net.stages[tr.cohort.shared:] for p in s.parameters()] + list(net.classifier.parameters())
-
-
 # ------------------------------------------------------------------ hand-written reference maths
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def np_kd(student: np.ndarray, teacher: np.ndarray, t: float) -> float:
-    """T^2 * sum_k p_t (log p_t - log p_s), averaged over the batch."""
-    lt, ls = np_log_softmax(teacher / t), np_log_softmax(student / t)
-    return float(t * t * (np.exp(lt) * (lt - ls)).sum(1).mean())
-
-
-def np_ce(z: np.ndarray, y: np.ndarray) -> float:
-    return float(-np_log_softmax(z)[np.arange(len(y)), y].mean())
-
-
 def t_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from log-probabilities, summed over classes, batch mean."""
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
@@ -192,11 +154,11 @@ def test_one_gate_gets_gradient_from_ce_gated_only():
     assert set(terms) == {"ce0", "ce1", "ce2", "ce_gated", "kl0", "kl1", "kl2"}
     terms["kl0"].backward(retain_graph=True)
     assert no_grad(gate)  # sg(z_e): the KD terms never reach the gate ...
-    assert has_grad(branch_params(tr, 0))  # ... they train branch 0 ...
-    assert no_grad(branch_params(tr, 1)) and no_grad(branch_params(tr, 2))  # ... and no other branch
+    assert has_grad(branch(tr, 0))  # ... they train branch 0 ...
+    assert no_grad(branch(tr, 1)) and no_grad(branch(tr, 2))  # ... and no other branch
     tr.optimizer.zero_grad(set_to_none=True)
     terms["ce_gated"].backward()
-    assert has_grad(gate) and has_grad(branch_params(tr, 2))
+    assert has_grad(gate) and has_grad(branch(tr, 2))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS, DataInfo, StepRecord
 from peerdistill.methods.functional import linear_ensemble_weights, min_logit_ensemble
 from peerdistill.models.cohort import build_cohort
+from .reference import branch, has_grad, no_grad, np_ce, np_kd, record
 
 BASE = ["data.name=synthetic", "data.size=48", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -30,46 +31,12 @@ def trainer(*over: str) -> Trainer:
     return Trainer(load(None, [*BASE, *over]), out_dir=None)
 
 
-def record(tr: Trainer, epoch: int = 0) -> StepRecord:
-    tr.epoch = epoch
-    return tr.step_record(next(iter(tr.train_loader)))
-
-
-def has_grad(params) -> bool:
-    return any(p.grad is not None and p.grad.any() for p in params)
-
-
-def no_grad(params) -> bool:
-    return not has_grad(params)
-
-
-def branch(tr: Trainer, i: int) -> list[torch.nn.Parameter]:
-    """Peer i's own parameters: the stages after the shared trunk and its classifier."""
-    net = tr.cohort.nets[i]
-    return [p for s in net.stages[tr.cohort.shared:] for p in s.parameters()] + list(net.classifier.parameters())
-
-
 def trunk(tr: Trainer) -> list[torch.nn.Parameter]:
     net = tr.cohort.nets[0]
     return [*net.stem.parameters(), *(p for s in net.stages[:tr.cohort.shared] for p in s.parameters())]
 
 
 # ------------------------------------------------------------------ hand-written reference maths
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def np_kd(student: np.ndarray, teacher: np.ndarray, t: float) -> float:
-    """T^2 * sum_k p_t (log p_t - log p_s), batch mean."""
-    lt, ls = np_log_softmax(teacher / t), np_log_softmax(student / t)
-    return float(t * t * (np.exp(lt) * (lt - ls)).sum(1).mean())
-
-
-def np_ce(z: np.ndarray, y: np.ndarray) -> float:
-    return float(-np_log_softmax(z)[np.arange(len(y)), y].mean())
-
-
 def logits(rec: StepRecord) -> list[np.ndarray]:
     return [o.logits.detach().double().numpy() for o in rec.outputs]
 

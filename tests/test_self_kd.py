@@ -17,6 +17,7 @@ from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import sd_dropout as sdd_mod
 
 from .conftest import killed_and_resumed
+from .reference import has_grad
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -49,10 +50,6 @@ def ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def close(a: torch.Tensor, b: torch.Tensor | float, rel: float = 1e-4) -> bool:
     """float32 library value against a float64 hand value."""
     return float(torch.as_tensor(a).detach()) == pytest.approx(float(torch.as_tensor(b).detach()), rel=rel, abs=1e-8)
-
-
-def has_grad(params) -> bool:
-    return any(p.grad is not None and p.grad.any() for p in params)
 
 
 def known_dropout(monkeypatch, seed: int = 7):
