@@ -6,7 +6,9 @@ amortised over ``meta_freq`` steps, for a small config on the current device. Us
 
 The data are synthetic (3 channels, 100 classes unless ``--classes``); the step is the engine's
 ``Trainer.train_step`` with the meta step switched off, the meta step is ``LMCL.meta_step`` on the same
-batch. Best of ``--repeats`` (other processes share the machine).
+batch. Best of ``--repeats`` (other processes share the machine). It also splits the ``losses`` phase of
+``peerdistill bench`` into the forward of the auxiliary feature-refinement branches (networks L-MCL adds)
+and the rest (projections, contrastive block, aggregators, KD).
 """
 from __future__ import annotations
 
@@ -55,9 +57,14 @@ def main() -> None:
     tr.method.meta_step = lambda r: None  # time the plain step
     step = best_ms(lambda: tr.train_step(batch), a.repeats, sync)
     meta = best_ms(lambda: meta_step(rec), a.repeats, sync)
+    with tr.precision.autocast():
+        branches = best_ms(lambda: tr.method.stages(rec.outputs), a.repeats, sync)
+        losses = best_ms(lambda: tr.method.losses(rec), a.repeats, sync)
     print(f"{a.model} {a.image}x{a.image} batch {a.batch} on {tr.device}, step in {a.precision}, {a.threads} thread(s)")
     print(f"  training step            {step:9.1f} ms")
     print(f"  meta step                {meta:9.1f} ms   ({meta / step:.1f} steps)")
+    print(f"  losses phase             {losses:9.1f} ms   (auxiliary branches' forward {branches:.1f} ms, "
+          f"the rest {losses - branches:.1f} ms)")
     print(f"  amortised (1/{a.meta_freq} steps) {meta / a.meta_freq:9.1f} ms   (+{100 * meta / a.meta_freq / step:.0f}% per step)")
 
 

@@ -13,7 +13,7 @@ import torch
 from peerdistill.config import load
 from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.trainer import Trainer
-from peerdistill.methods.contrastive import batch_masks, mutual_contrast, supcon
+from peerdistill.methods.contrastive import bank_logits, batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
 from .reference import np_kd
@@ -256,6 +256,15 @@ def test_bank_sampling_positive_and_negatives():
     assert torch.equal(idx, m.draw_indices(index, step=7))  # a function of the step: resume replays it
     assert not torch.equal(idx, m.draw_indices(index, step=8))
     assert int(idx[:, 2:].max()) < len(labels) and int(idx.min()) >= 0
+
+
+@pytest.mark.parametrize("bank_rows,neg", [(8, 6), (5000, 6)])  # the scored-bank route, the gather route
+def test_bank_logits_routes_agree_with_the_definition(bank_rows, neg):
+    g = torch.Generator().manual_seed(0)
+    v, banks = torch.randn(2, 5, 4, generator=g), torch.randn(2, bank_rows, 4, generator=g)
+    idx = torch.randint(0, bank_rows, (5, 2 + neg), generator=g)
+    want = np.einsum("ibkf,jbf->ijbk", banks.numpy()[:, idx.numpy()], v.numpy())
+    assert np.allclose(bank_logits(v, banks, idx).numpy(), want, atol=1e-5)
 
 
 def test_bank_terms_and_momentum_update_with_renormalisation():

@@ -124,6 +124,22 @@ def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temper
     return out
 
 
+def bank_logits(v: Tensor, banks: Tensor, idx: Tensor) -> Tensor:
+    """(n, n, B, 2+K) dot products ``banks[i, idx[b, k]] . v[j, b]``, by the cheaper of two routes.
+
+    Gathering the (n, B, 2+K, f) bank rows (the authors' route) moves n·B·(2+K)·f values; scoring every bank
+    row once, (n, n, B, N), and picking the drawn ones moves n²·B·N and runs as one GEMM. The second wins
+    whenever it is the smaller tensor — Fashion-MNIST or CIFAR with the code's K = 8192: 6x faster on a CPU
+    core (docs/performance.md) — while ImageNet's N = 1.28 M keeps the gather.
+    """
+    (n, b, f), k = v.shape, idx.shape[1]
+    if n * banks.shape[1] <= k * f:
+        scores = torch.einsum("jbf,inf->ijbn", v, banks)  # (n, n, B, N)
+        return scores.gather(3, idx.expand(n, n, b, k))
+    mem = banks[:, idx.reshape(-1)].view(n, b, k, f)  # (n, B, 2+K, f)
+    return torch.einsum("ibkf,jbf->ijbk", mem, v)
+
+
 def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature: float,
                   terms: tuple[str, ...] = TERMS) -> dict[str, Tensor]:
     """Memory-bank VCL / ICL / Soft VCL / Soft ICL (MCL's ImageNet form, ``imagenet_sup_mcl_loss.py``).
@@ -140,9 +156,8 @@ def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature
         idx: (B, 2 + K) long dataset indices.
         tau, temperature, terms: as :func:`mutual_contrast`.
     """
-    n, b, f = v.shape
-    mem = banks[:, idx.reshape(-1)].view(n, b, -1, f).detach()  # (n, B, 2+K, f)
-    logits = torch.einsum("ibkf,jbf->ijbk", f32(mem), f32(v)) / tau  # (n, n, B, 2+K)
+    n = v.shape[0]
+    logits = bank_logits(f32(v), f32(banks.detach()), idx) / tau  # (n, n, B, 2+K)
     i, j = torch.triu_indices(n, n, 1, device=v.device)
     out: dict[str, Tensor] = {}
     if "icl" in terms or "soft_icl" in terms:
