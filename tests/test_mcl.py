@@ -13,6 +13,7 @@ import torch
 from peerdistill.config import load
 from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.trainer import Trainer
+from peerdistill.errors import PeerdistillError
 from peerdistill.methods.contrastive import bank_logits, batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
@@ -301,6 +302,12 @@ def test_bank_terms_and_momentum_update_with_renormalisation():
     assert torch.equal(m.banks[:, others], before[:, others])  # only the batch's rows move
 
 
+def test_bank_refuses_a_mixer_the_batch_form_takes_it():
+    with pytest.raises(PeerdistillError, match="as configured does not support mixers"):
+        trainer(*BANK, "mixer=cutmix")
+    assert trainer("mixer=cutmix").mixer is not None
+
+
 def test_bank_is_checkpointed_and_resume_is_exact(tmp_path):
     cfg = [*BANK, "epochs=2", "data.val_split=0"]
     full = trainer(*cfg)
@@ -323,7 +330,7 @@ def test_bank_is_checkpointed_and_resume_is_exact(tmp_path):
 
 
 def test_bank_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
-    tr = trainer(*BANK, "mixer=cutmix", "mixer.prob=0.5")
+    tr = trainer(*BANK)
     batch = next(iter(tr.train_loader))
     tr.train_step(batch)
     with no_host_reads("a bank step"):

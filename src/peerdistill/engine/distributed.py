@@ -1,7 +1,9 @@
 """Process-group set-up for ``torchrun``: DDP over the whole cohort + method, rank-0 side effects."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,21 @@ def teardown() -> None:
     """Destroy the process group, if this process started one."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Build what is inside as a single process even under torchrun: rank 0's evaluation after training
+    (the other ranks have left the training; a DDP wrapper would wait for them forever)."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def setup(device: str) -> DistInfo:

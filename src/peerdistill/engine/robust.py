@@ -24,13 +24,14 @@ from torch import Tensor
 from .. import config as C
 from ..data import ImageSet
 from ..errors import PeerdistillError, nearest
-from ..params import check_value
 from ..fileio import find_dataset_dir
+from ..params import check_value
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
 from ..metrics.robustness import Attacked, fgsm, pgd
 from ..report.logger import write_json
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .distributed import local_only
 from .ood_sets import ood_sets, subset
 from .trainer import Trainer
 
@@ -83,7 +84,8 @@ class RobustOptions:
         positive = {"eps": min(self.eps, default=0), "--pgd-steps": self.pgd_steps, "--authors-eps": self.authors_eps,
                     "--odin-temperature": self.odin_temperature, "--energy-temperature": self.energy_temperature,
                     "--batch-size": self.batch_size, "--adv-limit": self.adv_limit, "--ood-limit": self.ood_limit,
-                    "--corruption-limit": self.corruption_limit, "--pgd-step-size": self.pgd_step_size or 1}
+                    "--corruption-limit": self.corruption_limit,
+                    "--pgd-step-size": 1 if self.pgd_step_size is None else self.pgd_step_size}
         for name, v in positive.items():
             if not v > 0:
                 raise PeerdistillError(f"{name} must be positive, got {v}")
@@ -108,7 +110,7 @@ def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
         d[k] = check_value(v, hints[k], f"robustness option {k!r}")
     opt = RobustOptions(**d)
     if limit is not None:
-        opt.adv_limit = opt.corruption_limit = opt.ood_limit = int(limit)
+        opt.adv_limit = opt.corruption_limit = opt.ood_limit = check_value(limit, int, "robustness option 'limit'")
     return opt
 
 
@@ -128,7 +130,8 @@ class Evaluated:
         cfg.tensorboard, cfg.wandb = False, False
         if threads is not None:
             cfg.threads = threads
-        self.cfg, self.trainer = cfg, Trainer(cfg, None)
+        with local_only():  # under torchrun only rank 0 evaluates
+            self.cfg, self.trainer = cfg, Trainer(cfg, None)
         self.trainer.load(self.ckpt_path)
         self.trainer.module.eval()
         if self.trainer.ema is not None:
@@ -291,10 +294,18 @@ def _corrupted(ev: Evaluated, opt: RobustOptions, fam: str, idx: np.ndarray,
 
 
 # -------------------------------------------------------------------------------------------- OOD
-def ood(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ood_sets(ev: Evaluated, opt: RobustOptions) -> dict[str, Any]:
+    from ..metrics.ood import sklearn_metrics
+
+    sklearn_metrics()  # the metrics' library, checked before any scoring
+    return ood_sets(opt.ood_data, ev.cfg.data.name, ev.test, ev.trainer.data.splits.meta, opt.ood_limit, opt.seed,
+                    opt.ood_root)
+
+
+def ood(ev: Evaluated, opt: RobustOptions, heads: list[str],
+        sets: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Detection metrics per OOD set, head and score; also the raw scores (for the histogram plot)."""
-    sets = ood_sets(opt.ood_data, ev.cfg.data.name, ev.test, ev.trainer.data.splits.meta, opt.ood_limit, opt.seed,
-                    opt.ood_root)  # first: a bad set name costs no scoring
+    sets = _ood_sets(ev, opt) if sets is None else sets
     idx = subset(len(ev.test), opt.ood_limit, opt.seed)
     in_scores = {h: _scores(ev, ev.test.images[idx], h, opt) for h in heads}
     res: dict[str, Any] = {"in_distribution": f"{ev.cfg.data.name} test ({len(idx)} images)"}
@@ -369,7 +380,9 @@ def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = 
     out: dict[str, Any] = {"checkpoint": str(ev.ckpt_path), "epoch": ev.trainer.epoch,
                            "run_dir": str(ev.run_dir), "heads": heads}
     raw_ood = None
-    for part, fn in (("adversarial", adversarial), ("corruptions", corruptions), ("ood", ood)):
+    sets = _ood_sets(ev, options) if options.ood else {}  # first: a bad OOD set costs no other part
+    parts = (("adversarial", adversarial), ("corruptions", corruptions), ("ood", lambda e, o, h: ood(e, o, h, sets)))
+    for part, fn in parts:
         if not getattr(options, part):
             continue
         if echo is not None:
@@ -381,7 +394,7 @@ def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = 
         settings = _settings(options, part)
         out[part] = {"key": settings_key(settings), "settings": settings,
                      "seconds": round(time.perf_counter() - t0, 2), "results": results}
-    record(ev, out)
+        record(ev, out)  # after each part: a later failure keeps what is done
     if options.plots:
         _plots(ev.run_dir, out, raw_ood)
     return out

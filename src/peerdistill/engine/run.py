@@ -54,6 +54,7 @@ class ProgressBar:
 
 
 # Keys a resumed run may change: they cannot change its results.
+ROBUST_PENDING = "robustness.pending"  # in a run folder: summary.json is written, eval.json not yet
 RESUMABLE = ("threads", "progress", "progress_every", "tensorboard", "wandb", "log_every", "device", "name")
 
 
@@ -110,6 +111,10 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
         if done is not None:
             if echo:
                 print(f"{out} has already finished ({done['epochs']} epochs); nothing to train", file=sys.stderr)
+            if (out / ROBUST_PENDING).exists():
+                if echo:
+                    print(f"running its pending robustness evaluation into {out / 'eval.json'}", file=sys.stderr)
+                pending_robustness(out, cfg)
             return done
     else:
         out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
@@ -184,16 +189,29 @@ def _echo_epoch(rec: dict[str, Any], epochs: int, peers: int) -> None:
 
 
 def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogger | None) -> None:
-    """Write summary.json and the plots."""
+    """Write summary.json and the plots, then the robustness evaluation the config asks for."""
+    if trainer.cfg.robustness is not None:  # until eval.json has it, the run is not finished for a sweep
+        (out / ROBUST_PENDING).touch()
     write_json(out / "summary.json", summary)
     rel = trainer.evaluate(trainer.data.test, with_reliability=True)["_reliability"]
     if logger is not None:
         plot_history(logger.history(), out, logger.step_history())
     plot_reliability(rel, out)
-    if trainer.cfg.robustness is not None:  # written to eval.json beside summary.json
-        from .robust import options_from_mapping, robust_evaluate
+    if trainer.cfg.robustness is not None:
+        pending_robustness(out, trainer.cfg)
 
-        robust_evaluate(out, options_from_mapping(trainer.cfg.robustness), "last.pt", trainer.cfg.threads or None)
+
+def pending_robustness(out: Path, cfg: C.Config) -> None:
+    """Run the config's robustness evaluation into eval.json and clear the marker. A failure keeps the
+    marker (and the parts already written), so ``--resume`` runs it again; the training results stay."""
+    from .robust import options_from_mapping, robust_evaluate
+
+    try:
+        robust_evaluate(out, options_from_mapping(cfg.robustness), "last.pt", cfg.threads or None)
+    except PeerdistillError as e:
+        raise PeerdistillError(f"training finished (summary.json is written) but the robustness evaluation "
+                               f"failed: {e}; `peerdistill train --resume {out}` runs it again") from None
+    (out / ROBUST_PENDING).unlink(missing_ok=True)
 
 
 def evaluate(path: str | Path, which: str = "last.pt") -> dict[str, Any]:

@@ -135,7 +135,7 @@ class Trainer:
         """What ``make_views`` may use: augmentation, mixer, and no-grad teacher / peer logits for scoring."""
         return ViewContext(lambda x: self.augment(x, gen), self.augment.normalize, self.mixer, gen,
                            len(self.cohort), self._teacher_logits if self.teacher is not None else None,
-                           self._peer_logits)
+                           self._peer_logits, self.augment.shard)
 
     @torch.no_grad()
     def _teacher_logits(self, x: Tensor) -> Tensor:

@@ -34,7 +34,8 @@ class MCL(Method):
     ``logit_distill=true`` adds ``KD_T(z_m <- sg(mean_j z_j))`` for both nets of a pair, or only for the
     last net of a larger cohort (code ``--logit-distill``). ``share=stage1`` shares the stem and stage 1
     across the peers (the code's MCL(x4) networks); the default is independent networks (MCL(x2)).
-    Under a mixer the CE is mixed and the contrastive positives use each row's own (unmixed) label.
+    Under a mixer the CE is mixed and the contrastive positives use each row's own (unmixed) label; the
+    bank form refuses mixers (its rows are per-image embeddings).
     Evaluated heads: each peer, ``ensemble`` (mean probabilities) and ``logit_ensemble`` (mean logits:
     the code's sum-of-logits ensemble, same top-1).
 
@@ -67,8 +68,9 @@ class MCL(Method):
         self.neg_k, self.bank_momentum = neg_k, bank_momentum
         # In-batch SupCon needs same-class partners in every batch: the code's MPerClassSampler(m=2).
         sampler = MPerClassSampler(2) if contrast == "batch" else Sampler()
+        # The bank keeps one embedding per training image: a mixed image's embedding is not that image's.
         self.needs = Needs(min_peers=2, topology="branched" if share else "independent",
-                           split_after=share or None, sampler=sampler)
+                           split_after=share or None, sampler=sampler, mixing=contrast == "batch")
         self.proj = nn.ModuleList()
         self.seed = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # (index, v) for the bank update after the step

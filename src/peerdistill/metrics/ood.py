@@ -63,7 +63,7 @@ def odin(f: Attacked, x: Tensor, temperature: float = ODIN_T, eps: float = ODIN_
         return F.softmax(f(x_t) / temperature, dim=1).max(1).values
 
 
-def _sklearn() -> object:
+def sklearn_metrics() -> object:
     try:
         import sklearn.metrics as skm
     except ImportError:
@@ -79,7 +79,7 @@ def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 
     as positives by the negated score (Hendrycks & Gimpel 2017). FPR95: the share of OOD samples
     scoring at or above the highest threshold that keeps ``tpr`` of the in-distribution samples.
     """
-    skm = _sklearn()
+    skm = sklearn_metrics()
     s_in, s_out = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
     if len(s_in) == 0 or len(s_out) == 0:
         raise PeerdistillError("OOD metrics need samples on both sides (in- and out-of-distribution)")

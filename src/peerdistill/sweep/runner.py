@@ -23,6 +23,7 @@ import yaml
 
 from .. import config as C
 from ..engine.bench import format_duration as _long_duration
+from ..engine.run import ROBUST_PENDING
 from ..errors import PeerdistillError
 from ..report.logger import write_json
 from ..report.study import StudyRow, head_value, write_report
@@ -45,7 +46,7 @@ def run_state(d: Path) -> str:
     try:
         summary = json.loads((d / "summary.json").read_text())
         if isinstance(summary, dict) and (summary.get("final") or {}).get("test"):
-            return "finished"
+            return "partial" if (d / ROBUST_PENDING).exists() else "finished"  # resume runs the evaluation
     except (OSError, ValueError):
         pass
     return "partial" if (d / "checkpoints" / "last.pt").is_file() else "new"
