@@ -410,3 +410,18 @@ def test_example_study_expands():
     study = load_study(Path(__file__).parents[1] / "studies" / "example.yaml")
     assert len(study.runs) == 8 and study.baseline == {"method": "method-independent"}
     assert {r.name for r in study.runs} >= {"plain_method-independent_s0", "cutmix_method-dml_s1"}
+
+
+@pytest.mark.parametrize("text, minutes", [(90, 90), ("1:30:00", 90), ("30:30", 31), ("2-12", 3600),
+                                           ("2-12:30", 3630), ("1-00:00:00", 1440)])
+def test_slurm_time_forms(text, minutes):
+    from peerdistill.sweep.slurm import _minutes
+
+    assert _minutes(text) == minutes
+
+
+def test_bad_slurm_time_is_one_line():
+    from peerdistill.sweep.slurm import _minutes
+
+    with pytest.raises(PeerdistillError, match="slurm time '1h'"):
+        _minutes("1h")

@@ -60,9 +60,14 @@ def hold_out(splits: DatasetSplits, classes: list[int], name: str) -> DatasetSpl
                                classes=[splits.classes[c] for c in kept], meta=meta)
 
 
+def crop_padding(cfg: Config, splits: DatasetSplits) -> int | None:
+    """The run's crop padding: ``data.padding``, else the dataset's standard one."""
+    return splits.crop_padding if cfg.data.padding is None else cfg.data.padding
+
+
 def make_augment(cfg: Config, splits: DatasetSplits, channels_last: bool) -> BatchAugment:
     d = cfg.data
-    pad = splits.crop_padding if d.padding is None else d.padding
+    pad = crop_padding(cfg, splits)
     flip = splits.flip if d.flip is None else d.flip
     return BatchAugment(splits.mean, splits.std, pad, flip, d.cutout, channels_last)
 
@@ -130,9 +135,8 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
-    pad = splits.crop_padding if cfg.data.padding is None else cfg.data.padding
     info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
-                    tuple(splits.train.images.shape[1:3]), pad)
+                    tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)
     for addon in addons:
         addon.setup(method, cohort, info)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .. import config as C
 from ..errors import PeerdistillError
+from ..report.configs import NEUTRAL_KEYS, flat_config, under
 from ..report.logger import RunLogger, write_json
 from ..report.plots import plot_history, plot_reliability
 from .bench import format_duration
@@ -55,7 +56,7 @@ class ProgressBar:
 
 # Keys a resumed run may change: they cannot change its results.
 ROBUST_PENDING = "robustness.pending"  # in a run folder: summary.json is written, eval.json not yet
-RESUMABLE = ("threads", "progress", "progress_every", "tensorboard", "wandb", "log_every", "device", "name")
+RESUMABLE = NEUTRAL_KEYS  # what --resume may change: the keys that cannot change the numbers
 
 
 def default_out_dir(cfg: C.Config) -> Path:
@@ -73,24 +74,15 @@ def check_resume(cfg: C.Config, out: Path) -> None:
     validate_config(stored_cfg)
     stored = stored_cfg.to_dict()
     new = cfg.to_dict()
-    for key in sorted(set(_flat(stored)) | set(_flat(new))):
-        if key.split(".")[0] in RESUMABLE:
+    stored, new = flat_config(stored), flat_config(new)
+    for key in sorted(set(stored) | set(new)):
+        if under(key, RESUMABLE):
             continue
-        a, b = _flat(stored).get(key), _flat(new).get(key)
+        a, b = stored.get(key), new.get(key)
         if a != b:
             raise PeerdistillError(f"--resume continues {out} exactly as it was configured, but {key} would change "
                                    f"({a!r} -> {b!r}); only {', '.join(RESUMABLE)} may be given on resume "
                                    f"(to train longer or differently, start a new run)")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path | None = None,

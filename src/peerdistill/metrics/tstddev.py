@@ -15,7 +15,6 @@ does not depend on which augmentations run together, and costs one extra forward
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -118,7 +117,7 @@ class _Entry:
 def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> dict[str, Any]:
     """T. stddev of every augmentation spec (``name`` or ``name:key=value,...``; ``none`` for the original
     batch alone) for one teacher; ``augs`` empty or ``None``: the paper's list. Returns the JSON record."""
-    from ..engine.build import load_splits, load_teacher, make_augment
+    from ..engine.build import crop_padding, load_splits, load_teacher, make_augment
     from ..engine.checkpoint import load_checkpoint
     from ..engine.precision import resolve_device, resolve_precision
 
@@ -134,7 +133,7 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     fmt = torch.channels_last
     t_net = load_teacher(teacher, opts.teacher_peer, k, c).to(device, memory_format=fmt)
     s_net = load_teacher(opts.student, opts.student_peer, k, c).to(device, memory_format=fmt) if opts.student else None
-    entries, notes = _entries(augs, s_net is not None, tuple(splits.train.images.shape[1:3]), _padding(splits),
+    entries, notes = _entries(augs, s_net is not None, tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits),
                               opts.group_iters)
     augment = make_augment(cfg, splits, channels_last=True)
     loader = DeviceLoader(data.train, opts.batch_size, True, opts.seed)
@@ -222,14 +221,6 @@ def _entries(augs: list[str] | None, has_student: bool, image_size: tuple[int, i
         aug.setup(image_size, crop_padding)
         entries.append(_Entry(label, aug, GroupMeans(group_iters)))
     return entries, notes
-
-
-def _padding(splits: Any) -> int | None:
-    """The crop padding the engine tells a method (``DataInfo.crop_padding``, once the contract has it),
-    so that ``crop+flip`` here is the one the ``kd`` students train with."""
-    from ..methods.base import DataInfo
-
-    return splits.crop_padding if "crop_padding" in {f.name for f in dataclasses.fields(DataInfo)} else None
 
 
 def _needs_student(name: str, args: dict[str, Any]) -> bool:

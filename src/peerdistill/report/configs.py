@@ -74,6 +74,14 @@ def canon(v: Any) -> Any:
     return {k: canon(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
+# Config keys (and everything under them) that cannot change a run's numbers: where data and output live,
+# how work is spread on the hardware, what is printed and logged (the same maths up to float rounding; the
+# evaluation batch size too, since evaluation runs in eval mode, sample by sample). ``--resume`` may change
+# them, and ``table`` and ``sweep`` ignore them when deciding whether two runs are the same experiment.
+NEUTRAL_KEYS = ("threads", "progress", "progress_every", "tensorboard", "wandb", "log_every", "device", "name",
+                "data.root", "data.eval_batch_size")
+
+
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
     out: dict[str, Any] = {}

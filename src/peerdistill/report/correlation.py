@@ -20,13 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..data.augmentations import aug_label  # noqa: E402
 from ..errors import PeerdistillError  # noqa: E402
-from .configs import flat_config, under  # noqa: E402
+from .configs import NEUTRAL_KEYS, flat_config, under  # noqa: E402
 from .table import RunSet  # noqa: E402
 
 STATS_EXTRA = "pip install 'peerdistill[stats]'"
 # Keys that may differ between the runs of one study: the axis itself, seeds, and what cannot change numbers.
-_STUDY_AXIS = ("seed", "method.extra_aug", "method.extra_aug_args", "name", "threads", "device", "progress",
-               "progress_every", "tensorboard", "wandb", "log_every", "data.root", "data.eval_batch_size")
+_STUDY_AXIS = ("seed", "method.extra_aug", "method.extra_aug_args", *NEUTRAL_KEYS)
 
 
 @dataclass

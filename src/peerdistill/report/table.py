@@ -19,14 +19,10 @@ from typing import Any
 import yaml
 
 from ..errors import PeerdistillError
-from .configs import REGISTRIES, canon, component_defaults, flat_config, resolve, under
+from .configs import NEUTRAL_KEYS, REGISTRIES, canon, component_defaults, flat_config, resolve, under
 from .logger import read_jsonl
 
-# Keys (and everything under them) that cannot change the numbers: the grouping axis, names, logging,
-# where files live, and how work is spread on the hardware (the same maths up to float rounding; the
-# evaluation batch size too, since evaluation runs in eval mode, sample by sample).
-_IGNORED = ("seed", "name", "threads", "device", "progress", "progress_every", "tensorboard", "wandb",
-            "log_every", "output", "out_dir", "data.root", "data.eval_batch_size")
+_IGNORED = ("seed", *NEUTRAL_KEYS)  # the grouping axis and the keys that cannot change the numbers
 # Evaluating every k epochs leaves training and the last epoch unchanged (the trainer always evaluates
 # after the last one) but changes which epochs can be the best: it splits rows for ``which="best"`` only.
 _IGNORED_FOR_FINAL = ("eval_every",)

@@ -21,16 +21,21 @@ SLURM_KEYS = {  # study `slurm:` key -> submitit AutoExecutor parameter
 
 
 def _minutes(value: Any) -> int:
-    """``90``, ``"90"``, ``"1:30:00"`` or ``"2-00:00:00"`` as minutes (Slurm's ``--time`` forms)."""
-    text = str(value)
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if len(parts) == 1:
-        minutes = parts[0]
-    else:
-        h, m, s = ([0] * (3 - len(parts)) + parts)[-3:]
-        minutes = h * 60 + m + (s > 0)
-    return minutes + int(days or 0) * 1440
+    """Slurm's ``--time`` forms as whole minutes: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``."""
+    text = str(value).strip()
+    days, sep, rest = text.rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        if len(parts) > 3 or min(parts) < 0 or (sep and not days):
+            raise ValueError
+        if sep:  # with days the fields are hours[:minutes[:seconds]]
+            h, m, sec = (parts + [0, 0])[:3]
+        else:    # without: minutes, minutes:seconds, hours:minutes:seconds
+            h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) == 3 else (0, *(parts + [0])[:2])
+        total = (int(days or 0) * 24 + h) * 3600 + m * 60 + sec
+    except ValueError:
+        raise PeerdistillError(f"slurm time {value!r}: give minutes or Slurm's [D-]HH:MM:SS forms") from None
+    return -(-total // 60)
 
 
 class SubmititLauncher:

@@ -30,9 +30,8 @@ from typing import Any
 import yaml
 
 from .. import config as C
-from ..engine.run import RESUMABLE
 from ..errors import PeerdistillError, nearest
-from ..report.configs import canon, flat_config, resolve
+from ..report.configs import NEUTRAL_KEYS, canon, flat_config, resolve, under
 from .names import row_id, run_name, safe, token, value_text
 
 TOP_KEYS = ("name", "description", "base", "config", "grid", "rows", "seeds", "baseline", "heads", "metrics",
@@ -42,7 +41,7 @@ METRICS = ("top1", "top5", "nll", "ece")  # what summary.json holds per head
 RUNNER_KEYS = ("seed", "threads")
 # Config keys that cannot change a run's numbers are the keys ``--resume`` may change: they are ignored when
 # deciding whether two rows are the same experiment or whether a run folder holds this study's run.
-NUMERIC_IGNORED = RESUMABLE
+NUMERIC_IGNORED = NEUTRAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ def _base_path(study: Path, base: Any) -> Path | None:
 
 
 def _columns(value: Any, path: Path) -> list[dict[str, str]]:
-    """Extra per-run results: ``[{name: robust top-1, file: eval.json, key: test.peer0.top1}]``."""
+    """Extra per-run results: ``[{name: FGSM 8/255, file: eval.json, key: latest.adversarial.fgsm.peer0.8/255}]``."""
     cols = value or []
     ok = isinstance(cols, list) and all(isinstance(c, dict) and set(c) == {"name", "file", "key"} for c in cols)
     if not ok:
@@ -325,7 +324,7 @@ def _run(study: Study, base: C.Config, row: Row, seed: int) -> RunSpec:
 def experiment(cfg: C.Config | dict[str, Any]) -> dict[str, Any]:
     """A run's config as compared, flat: every default filled in, keys that cannot change its numbers left out."""
     flat = flat_config(resolve(cfg.to_dict() if isinstance(cfg, C.Config) else cfg))
-    return {k: v for k, v in flat.items() if k.split(".")[0] not in NUMERIC_IGNORED}
+    return {k: v for k, v in flat.items() if not under(k, NUMERIC_IGNORED)}
 
 
 def experiment_key(cfg: C.Config | dict[str, Any]) -> str:
