@@ -6,6 +6,7 @@ every registered parameter and config key, and kill -9 tests of the data-loss cl
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import random
@@ -59,6 +60,17 @@ def finished(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ data loss and silent surprises
+def test_a_new_run_over_a_dead_first_attempt_keeps_none_of_its_records(tmp_path):
+    first, out = tmp_path / "first", tmp_path / "retry"
+    run_mod.train(tiny_cfg("epochs=1", "log_every=1"), first, echo=False)
+    out.mkdir()
+    for name in ("metrics.jsonl", "steps.jsonl"):  # an attempt killed before its first checkpoint
+        shutil.copy(first / name, out / name)
+    run_mod.train(tiny_cfg("epochs=1", "log_every=1"), out, echo=False)
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        assert (out / name).read_text().count("\n") == (first / name).read_text().count("\n") > 0, name
+
+
 def test_resume_of_a_finished_run_trains_and_rewrites_nothing(finished, capsys):
     before = digest(finished)
     assert main(["train", "--resume", str(finished)]) == 0

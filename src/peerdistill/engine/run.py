@@ -121,8 +121,9 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     trainer.logger = logger
     if resume is not None:
         trainer.load(ckpt)
-        if logger is not None:
-            logger.truncate_after(trainer.epoch)
+    if logger is not None:  # a resume keeps the records up to its checkpoint; a new run, none of a dead attempt
+        logger.truncate_after(trainer.epoch if resume is not None else -1)
+    if resume is not None:
         if echo and main:
             print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     if echo and main:
