@@ -78,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
         report_only(study, plots=not args.no_plots)
         return 0
     launcher = args.launcher or str(study.launch.get("launcher", "local"))
-    if launcher not in ("local", "torchrun", "submitit"):
-        raise PeerdistillError(f"unknown launcher {launcher!r} (local, torchrun, submitit)")
     only = select_runs(study, args.only)
     todo = sum(s in ("new", "partial") and (only is None or n in only) for n, s in check_folders(study).items())
     plan = _plan(args, study, launcher, todo)

@@ -43,10 +43,6 @@ class MixRecord:
         out = (self.pixel_weights.to(x.dtype) * x[self.perms]).sum(0)
         return out.contiguous(memory_format=_memory_format(x))
 
-    def soft_targets(self, labels: Tensor, num_classes: int) -> Tensor:
-        """(B, num_classes) mixed one-hot targets."""
-        return self.mix(torch.nn.functional.one_hot(labels, num_classes).float())
-
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

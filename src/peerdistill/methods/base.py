@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -301,3 +302,16 @@ class AddOn(nn.Module):
 
     def losses(self, rec: StepRecord, method: Method) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def all_ranks(*tensors: Tensor, dim: int = 0) -> list[Tensor]:
+    """Each tensor concatenated along ``dim`` over the torchrun processes (itself in one process), for
+    method state every rank must hold alike (memory banks, stored predictions)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts, dim))
+    return out

@@ -129,8 +129,8 @@ def bank_logits(v: Tensor, banks: Tensor, idx: Tensor) -> Tensor:
 
     Gathering the (n, B, 2+K, f) bank rows (the authors' route) moves n·B·(2+K)·f values; scoring every bank
     row once, (n, n, B, N), and picking the drawn ones moves n²·B·N and runs as one GEMM. The second wins
-    whenever it is the smaller tensor — Fashion-MNIST or CIFAR with the code's K = 8192: 6x faster on a CPU
-    core (docs/performance.md) — while ImageNet's N = 1.28 M keeps the gather.
+    whenever it is the smaller tensor — Fashion-MNIST or CIFAR with the code's K = 8192: a 4.5x faster MCL
+    step on a CPU core (docs/performance.md) — while ImageNet's N = 1.28 M keeps the gather.
     """
     (n, b, f), k = v.shape, idx.shape[1]
     if n * banks.shape[1] <= k * f:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..data.samplers import MPerClassSampler, Sampler
 from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
-from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks
 from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
 from .functional import kd_kl, mean_logits
 
@@ -142,8 +142,7 @@ class MCL(Method):
             return
         index, v = self._pending
         self._pending = None
-        if tdist.is_available() and tdist.is_initialized():
-            index, v = _all_gather(index, 0), _all_gather(v, 1)
+        (index,), (v,) = all_ranks(index), all_ranks(v, dim=1)
         mu = self.bank_momentum
         self.banks[:, index] = F.normalize(mu * self.banks[:, index] + (1 - mu) * v, dim=2)
 
@@ -151,9 +150,3 @@ class MCL(Method):
         heads = super().eval_heads(outputs, ema)
         heads["logit_ensemble"] = mean_logits([o.logits for o in outputs])
         return heads
-
-
-def _all_gather(t: Tensor, dim: int) -> Tensor:
-    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim)

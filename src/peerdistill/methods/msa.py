@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,7 +19,7 @@ from ..data.loader import Batch
 from ..data.views import Extra, View, ViewContext, Views
 from ..errors import PeerdistillError
 from ..params import Decay, NonNegative, Positive
-from .base import METHODS, RERUN, UNMIXED, DataInfo, Method, Needs, PeerOutput, StepRecord
+from .base import METHODS, RERUN, UNMIXED, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks
 from .functional import attention_transfer, channel_kl, ensemble_log_probs, kd_soft, normalized_mse, sigmoid_rampup
 
 CLEAN = "msa_clean"  # extra input: every peer, without gradient, on the unmixed view (temporal ensemble)
@@ -183,18 +182,6 @@ def clean_logits(rec: StepRecord, k: int) -> Tensor | None:
         if name in rec.extra and rec.extra[name][k] is not None:
             return rec.extra[name][k].logits
     return None
-
-
-def all_ranks(*tensors: Tensor) -> list[Tensor]:
-    """Concatenate each tensor over the DDP ranks (itself in one process), so every rank stores every row."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return list(tensors)
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, t.contiguous())
-        out.append(torch.cat(parts))
-    return out
 
 
 def check_maps(nets: nn.ModuleList, tap: str, feat_loss: str, data: DataInfo) -> None:

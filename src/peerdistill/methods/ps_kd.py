@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..params import Probability
-from .base import METHODS, DataInfo, Method, Needs, StepRecord
+from .base import METHODS, DataInfo, Method, Needs, StepRecord, all_ranks
 from .functional import soft_ce
-
-
-def gathered(*ts: Tensor) -> tuple[Tensor, ...]:
-    """Each tensor concatenated over the processes (itself outside torchrun), as the official
-    ``dist.all_gather`` of predictions and indices, so every rank's store holds every sample."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return ts
-    out = []
-    for t in ts:
-        parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, t.contiguous())
-        out.append(torch.cat(parts))
-    return tuple(out)
 
 
 @METHODS.register("ps_kd")
@@ -71,5 +57,5 @@ class PSKD(Method):
     def update(self, rec: StepRecord) -> None:
         for i, (o, v) in enumerate(zip(rec.outputs, rec.views)):
             if v.mix is None:
-                index, probs = gathered(v.index, F.softmax(o.logits.detach().float(), dim=1))
+                index, probs = all_ranks(v.index, F.softmax(o.logits.detach().float(), dim=1))  # every rank stores every sample
                 self.store[i, index] = probs

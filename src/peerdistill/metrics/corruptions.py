@@ -47,7 +47,6 @@ ALL = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_b
 COMMON = ALL[:15]
 NEEDS_EXTRA = ("frost", "spatter")
 DEFAULT = tuple(f for f in COMMON if f not in NEEDS_EXTRA)  # 14 families, no extra needed
-LUMA = ops.LUMA
 EXTRA_HINT = "pip install 'peerdistill[corruptions]' (or pip install imagecorruptions-imaug)"
 
 

@@ -93,10 +93,9 @@ def train_command(python: str, run_dir: Path, resume: bool, threads: int, nproc:
     return [*head, "train", *where, f"threads={threads}"]
 
 
-def run_env(threads: int, gpus: str | None = None) -> dict[str, str]:
+def run_env(threads: int) -> dict[str, str]:
     """Environment of a run: thread pools capped at ``threads`` (OpenMP and MKL read these at start-up)."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    return env | ({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
