@@ -358,6 +358,7 @@ def test_options_from_a_config_mapping():
     (["--ood", "--ood-data", "holdout"], "holds no classes out"),
     (["--ood", "--ood-data", "imagenet"], "unknown OOD set 'imagenet'"),
     (["--ood", "--ood-data", "synthetic"], "the run's own dataset"),
+    (["--eps", "2/255"], "shapes a robustness evaluation: add --robustness"),
 ])
 def test_cli_bad_robustness_options_are_one_line_errors(runs, capsys, args, expected):
     _, plain = runs

@@ -81,9 +81,16 @@ def _lists(o: Any, args: argparse.Namespace) -> None:
         o.batch_size = args.batch_size
 
 
+PARTS = ("robustness", "adversarial", "corruptions", "ood", "fgsm_authors")  # flags that start an evaluation
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.robustness or args.adversarial or args.corruptions or args.ood or args.fgsm_authors:
+    if any(getattr(args, part) for part in PARTS):
         return _robust(args)
+    given = [k for k, default in args.robust_only.items() if getattr(args, k) != default]
+    if given:
+        raise PeerdistillError(f"--{given[0].replace('_', '-')} shapes a robustness evaluation: add --robustness "
+                               f"(or --adversarial, --corruptions, --ood)")
     from ..engine.run import evaluate, format_table
 
     res = evaluate(args.path, args.checkpoint)
@@ -158,4 +165,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--odin-space", choices=("pixel", "normalised"), default="pixel",
                    help="pixel: eps on [0, 1] images, as ODIN's code; normalised: on the normalised tensor")
     o.add_argument("--energy-temperature", metavar="T", help="energy temperature (default 1)")
-    e.set_defaults(fn=run)
+    shaping = [act for group in (g, a, c, o) for act in group._group_actions if act.dest not in PARTS]
+    e.set_defaults(fn=run, robust_only={act.dest: act.default for act in shaping})  # alone, they would do nothing
