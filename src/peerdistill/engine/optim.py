@@ -12,9 +12,9 @@ from ..methods.base import ParamGroup
 
 def param_groups(modules: list[nn.Module], cfg: OptimConfig,
                  special: list[ParamGroup] = ()) -> list[dict[str, object]]:
-    """Optimizer groups: the method's own groups (their weight decay), then the rest in one group, or two
-    when BN parameters and biases are excluded from weight decay. Parameters a method keeps out of the
-    optimizer (``optimized=False``) and frozen ones are left out."""
+    """Optimizer groups: first the rest (group 0, whose weight decay is the config's), then the method's own
+    groups (their weight decay), then — when BN parameters and biases are excluded from weight decay — those.
+    Parameters a method keeps out of the optimizer (``optimized=False``) and frozen ones are left out."""
     seen: set[int] = set()
     groups: list[dict[str, object]] = []
     for g in special:
