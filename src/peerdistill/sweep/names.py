@@ -16,7 +16,9 @@ def value_text(v: Any) -> str:
     """A value as the table shows it."""
     if isinstance(v, dict):
         args = ", ".join(f"{k}={value_text(x)}" for k, x in sorted(v.items()) if k != "name")
-        return f"{v.get('name')}({args})" if args else str(v.get("name"))
+        if "name" not in v:  # a plain section (optim, data keys): its keys only
+            return f"({args})"
+        return f"{v['name']}({args})" if args else str(v["name"])
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(value_text(x) for x in v) + "]"
     if isinstance(v, bool) or v is None:
