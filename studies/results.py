@@ -259,30 +259,7 @@ def paper_sections(runs: Path) -> list[str]:
             "the KD student's test loss (positive correlation); CutMixPick improves on CutMix.", "",
             f"**Study** `studies/good_da_teacher.yaml` ({study_wall(runs, 'good_da_teacher')}), `peerdistill tstddev` "
             f"and `studies/good_da.yaml` ({study_wall(runs, 'good_da')}), then `peerdistill correlate`.", ""]
-    corr_path = runs / "good_da" / "correlation.json"
-    tstd_path = runs / "good_da" / "tstddev.json"
-    if tstd_path.is_file():
-        out += ["T. stddev of the teacher (10 epochs) and the students' test loss:", "", _tstddev_table(tstd_path, gd), ""]
-    stab_path = runs / "good_da" / "tstddev_stability.json"
-    if stab_path.is_file():
-        out += ["How many epochs the ranking needs (`studies/tstddev_stability.py`: each shorter run's ranking of the "
-                "augmentations against the 10-epoch one):", "",
-                "| epochs | Kendall τ | Spearman ρ | in the same place | lowest T. stddev agrees | wall time |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {r['epochs']} | {r['kendall_tau']:+.3f} | {r['spearman_rho']:+.3f} | {r['same_place']}/"
-                f"{r['augmentations']} | {'yes' if r['top1_agrees'] else 'no'} | {r['seconds']:.0f} s |"
-                for r in json.loads(stab_path.read_text())["rows"]]
-        out += [""]
-    if corr_path.is_file():
-        c = json.loads(corr_path.read_text())
-        out += ["| correlation with the student test loss | coefficient | p-value |", "|---|---|---|"]
-        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {c[name]['p']:.3f} |" for name in ("pearson", "spearman", "kendall")]
-        out += ["", "![T. stddev vs student test loss](figures/good_da_correlation.png)", ""]
-        for name in ("pearson", "spearman", "kendall"):
-            coef, p = c[name]["r"], c[name]["p"]
-            word = ("reproduced" if coef > 0 else "contradicted") if p < ALPHA else "inconclusive at this budget"
-            out += [f"- T. stddev predicts the student's test loss ({name.title()}): **{word}** — r = {coef:+.3f}, "
-                    f"p = {p:.3f}, {len(c['points'])} augmentations."]
+    out += good_da_block(runs, gd)
     out += verdict_lines([
         Test("CutMixPick gives a lower student test loss than CutMix", vals(gd, "extra_aug-cutmixpick", final("peer0", "nll")),
              vals(gd, "extra_aug-cutmix", final("peer0", "nll")), higher=False, unit="nats"),
@@ -313,6 +290,37 @@ def paper_sections(runs: Path) -> list[str]:
     tests += [Test(f"{m} + SD-Dropout top-1 > {m}", vals(sk, f"{m}+sdd", top1), vals(sk, m, top1))
               for m in ("cs_kd", "ddgsd", "byot", "dml")]
     out += verdict_lines(tests) + [""]
+    return out
+
+
+def good_da_block(runs: Path, gd: dict[str, Row]) -> list[str]:
+    """The T. stddev table beside the students' results, the ranking's stability, the correlations and the
+    scatter plot (RESULTS.md §4 and docs/results-fmnist.md)."""
+    out: list[str] = []
+    corr_path = runs / "good_da" / "correlation.json"
+    tstd_path = runs / "good_da" / "tstddev.json"
+    if tstd_path.is_file():
+        out += ["T. stddev of the teacher (10 epochs) and the students' test loss:", "", _tstddev_table(tstd_path, gd), ""]
+    stab_path = runs / "good_da" / "tstddev_stability.json"
+    if stab_path.is_file():
+        out += ["How many epochs the ranking needs (`studies/tstddev_stability.py`: each shorter run's ranking of the "
+                "augmentations against the 10-epoch one):", "",
+                "| epochs | Kendall τ | Spearman ρ | in the same place | lowest T. stddev agrees | wall time |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['epochs']} | {r['kendall_tau']:+.3f} | {r['spearman_rho']:+.3f} | {r['same_place']}/"
+                f"{r['augmentations']} | {'yes' if r['top1_agrees'] else 'no'} | {r['seconds']:.0f} s |"
+                for r in json.loads(stab_path.read_text())["rows"]]
+        out += [""]
+    if corr_path.is_file():
+        c = json.loads(corr_path.read_text())
+        out += ["| correlation with the student test loss | coefficient | p-value |", "|---|---|---|"]
+        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {c[name]['p']:.3f} |" for name in ("pearson", "spearman", "kendall")]
+        out += ["", "![T. stddev vs student test loss](figures/good_da_correlation.png)", ""]
+        for name in ("pearson", "spearman", "kendall"):
+            coef, p = c[name]["r"], c[name]["p"]
+            word = ("reproduced" if coef > 0 else "contradicted") if p < ALPHA else "inconclusive at this budget"
+            out += [f"- T. stddev predicts the student's test loss ({name.title()}): **{word}** — r = {coef:+.3f}, "
+                    f"p = {p:.3f}, {len(c['points'])} augmentations."]
     return out
 
 
@@ -367,6 +375,8 @@ def update_results_fmnist(runs: Path, path: Path) -> None:
              "and the verdicts are in [RESULTS.md](RESULTS.md). Regenerate everything with `make evidence`.", ""]
     for study in STUDIES:
         parts += [f"### `studies/{study}.yaml` ({study_wall(runs, study)})", "", table(runs, study), ""]
+        if study == "good_da":
+            parts += good_da_block(runs, load_rows(runs, "good_da"))
     parts.append(end)
     block = "\n".join(parts)
     if begin in text and end in text:
