@@ -54,7 +54,6 @@ class ProgressBar:
         self.bar.close()
 
 
-# Keys a resumed run may change: they cannot change its results.
 ROBUST_PENDING = "robustness.pending"  # in a run folder: summary.json is written, eval.json not yet
 RESUMABLE = NEUTRAL_KEYS  # what --resume may change: the keys that cannot change the numbers
 
@@ -123,9 +122,8 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
         trainer.load(ckpt)
     if logger is not None:  # a resume keeps the records up to its checkpoint; a new run, none of a dead attempt
         logger.truncate_after(trainer.epoch if resume is not None else -1)
-    if resume is not None:
-        if echo and main:
-            print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}", file=sys.stderr)
+    if resume is not None and echo and main:
+        print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     if echo and main:
         print(f"run {out}: {cfg.method.name} x{len(trainer.cohort)} {cfg.model.name} on {cfg.data.name} "
               f"({len(trainer.data.train)} train / {len(trainer.data.val) if trainer.data.val else 0} val / "
