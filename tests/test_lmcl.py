@@ -19,7 +19,8 @@ from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import StepRecord
 from peerdistill.methods.lmcl import LMCL
 
-from .test_mcl import hand_projection, np_kd, np_log_softmax, np_supcon
+from .reference import np_kd, np_log_softmax
+from .test_mcl import hand_projection, np_supcon
 
 from .conftest import no_host_reads
 

@@ -266,6 +266,8 @@ def test_bank_logits_routes_agree_with_the_definition(bank_rows, neg):
     idx = torch.randint(0, bank_rows, (5, 2 + neg), generator=g)
     want = np.einsum("ibkf,jbf->ijbk", banks.numpy()[:, idx.numpy()], v.numpy())
     assert np.allclose(bank_logits(v, banks, idx).numpy(), want, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # similarities stay float32 under the default precision
+        assert np.allclose(bank_logits(v, banks, idx).numpy(), want, atol=1e-5)
 
 
 def test_bank_terms_and_momentum_update_with_renormalisation():

@@ -24,6 +24,13 @@ def f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def einsum32(equation: str, *operands: Tensor) -> Tensor:
+    """``torch.einsum`` in float32 even under autocast (which would run it in bf16 / fp16): similarities
+    divided by tau = 0.07 need more than bf16's 8 bits of mantissa."""
+    with torch.autocast(operands[0].device.type, enabled=False):
+        return torch.einsum(equation, *(f32(o) for o in operands))
+
+
 class ProjectionHead(nn.Module):
     """``Linear(d, f) -> ReLU -> Linear(f, f) -> L2-normalise`` (MCL's ``Embed``; f = 128)."""
 
@@ -96,7 +103,7 @@ def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temper
         instance_positive: for ICL, count the same image in the other set as a positive.
     """
     n_pairs, b = pairs.shape[0], v.shape[1]
-    sim = torch.einsum("pbd,qcd->pqbc", f32(v), f32(v)) / tau  # (M, M, B, B)
+    sim = einsum32("pbd,qcd->pqbc", v, v) / tau  # (M, M, B, B)
     p, q = pairs[:, 0], pairs[:, 1]
     w2 = None if weights is None else torch.cat([weights, weights]).reshape(-1)  # (2P*B,)
     self_pos, self_den = batch_masks(labels)
@@ -134,10 +141,10 @@ def bank_logits(v: Tensor, banks: Tensor, idx: Tensor) -> Tensor:
     """
     (n, b, f), k = v.shape, idx.shape[1]
     if n * banks.shape[1] <= k * f:
-        scores = torch.einsum("jbf,inf->ijbn", v, banks)  # (n, n, B, N)
+        scores = einsum32("jbf,inf->ijbn", v, banks)  # (n, n, B, N)
         return scores.gather(3, idx.expand(n, n, b, k))
     mem = banks[:, idx.reshape(-1)].view(n, b, k, f)  # (n, B, 2+K, f)
-    return torch.einsum("ibkf,jbf->ijbk", mem, v)
+    return einsum32("ibkf,jbf->ijbk", mem, v)
 
 
 def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature: float,
@@ -157,7 +164,7 @@ def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature
         tau, temperature, terms: as :func:`mutual_contrast`.
     """
     n = v.shape[0]
-    logits = bank_logits(f32(v), f32(banks.detach()), idx) / tau  # (n, n, B, 2+K)
+    logits = bank_logits(v, banks.detach(), idx) / tau  # (n, n, B, 2+K)
     i, j = torch.triu_indices(n, n, 1, device=v.device)
     out: dict[str, Tensor] = {}
     if "icl" in terms or "soft_icl" in terms:
