@@ -28,6 +28,15 @@ def _few_threads() -> None:
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One thread for tests of small tensors: a second only adds OpenMP contention on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def have_fmnist() -> bool:
     return (FMNIST / "t10k-labels-idx1-ubyte.gz").exists()
 

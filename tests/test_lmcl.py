@@ -31,14 +31,7 @@ SMALL = ["data.image_size=8", "batch_size=8", "data.size=32", "data.num_classes=
 T = 3.0
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors and double backward: one thread avoids OpenMP contention on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors and double backward
 
 
 def trainer(*overrides: str) -> Trainer:

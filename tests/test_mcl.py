@@ -25,14 +25,7 @@ BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_c
 TAU, T = 0.1, 3.0
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors and double backward: one thread avoids OpenMP contention on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors and double backward
 
 
 def trainer(*overrides: str) -> Trainer:

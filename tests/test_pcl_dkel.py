@@ -34,9 +34,7 @@ RESUME = [*BASE, "data.size=48", "data.image_size=8", "data.test_size=16", "data
 K, B, D, M = 5, 4, 3, 3  # classes, batch, embedding width, branches of the tiny-tensor tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def make_trainer(*overrides: str) -> Trainer:
