@@ -18,6 +18,17 @@ def record(tr: Trainer, epoch: int = 0) -> StepRecord:
     return tr.step_record(first_batch(tr))
 
 
+def checkpoint_after_one_epoch(tr: Trainer, path) -> Trainer:
+    """Train ``tr`` one epoch (its before-training hook first) and save its checkpoint to ``path``."""
+    from peerdistill.engine.checkpoint import save_atomic
+
+    tr.before_training()
+    tr.train_epoch()
+    tr.epoch += 1
+    save_atomic(tr.state(), path)
+    return tr
+
+
 def has_grad(params) -> bool:
     return any(p.grad is not None and p.grad.any() for p in params)
 

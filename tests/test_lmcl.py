@@ -14,12 +14,11 @@ import torch.nn.functional as F
 
 from peerdistill.config import load
 from peerdistill.data.views import View
-from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import StepRecord
 from peerdistill.methods.lmcl import LMCL
 
-from .reference import np_kd, np_log_softmax
+from .reference import checkpoint_after_one_epoch, np_kd, np_log_softmax
 from .test_mcl import hand_projection, np_supcon
 
 from .conftest import no_host_reads
@@ -231,11 +230,7 @@ def test_weight_network_and_its_optimizer_resume_exactly(tmp_path):
     init = {k: v.clone() for k, v in full.method.weight_net.state_dict().items()}
     full.fit()
     assert any(not torch.equal(init[k], v) for k, v in full.method.weight_net.state_dict().items())
-    part = trainer(*cfg)
-    part.before_training()
-    part.train_epoch()
-    part.epoch += 1
-    save_atomic(part.state(), tmp_path / "last.pt")
+    checkpoint_after_one_epoch(trainer(*cfg), tmp_path / "last.pt")
     resumed = trainer(*cfg)
     resumed.load(tmp_path / "last.pt")
     resumed.fit()

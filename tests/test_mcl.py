@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from peerdistill.config import load
-from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods.contrastive import bank_logits, batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
-from .reference import np_kd
+from .reference import checkpoint_after_one_epoch, np_kd
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -307,11 +306,7 @@ def test_bank_is_checkpointed_and_resume_is_exact(tmp_path):
     cfg = [*BANK, "epochs=2", "data.val_split=0"]
     full = trainer(*cfg)
     full.fit()
-    part = trainer(*cfg)
-    part.before_training()
-    part.train_epoch()
-    part.epoch += 1
-    save_atomic(part.state(), tmp_path / "last.pt")
+    part = checkpoint_after_one_epoch(trainer(*cfg), tmp_path / "last.pt")
     resumed = trainer(*cfg)
     assert not torch.equal(resumed.method.banks, part.method.banks)  # the test can fail
     resumed.load(tmp_path / "last.pt")

@@ -131,18 +131,22 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``); unreadable, unparsable or other content is one line."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise PeerdistillError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise PeerdistillError(f"cannot parse {what} {path}: {yaml_error(e)}") from None
+    if not isinstance(raw, dict):
+        raise PeerdistillError(f"{what} {path} must be a mapping of keys to values")
+    return raw
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read an optional YAML preset and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise PeerdistillError(f"cannot read config {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise PeerdistillError(f"cannot parse config {path}: {yaml_error(e)}") from None
-        if not isinstance(raw, dict):
-            raise PeerdistillError(f"config {path} must be a mapping of keys to values")
+    raw = read_mapping(Path(path), "config") if path is not None else {}
     cfg = from_dict(raw)
     for item in overrides:
         key, sep, text = item.partition("=")

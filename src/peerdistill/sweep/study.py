@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .. import config as C
 from ..errors import PeerdistillError, nearest
@@ -141,15 +140,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise PeerdistillError(f"cannot read study {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise PeerdistillError(f"cannot parse study {path}: {C.yaml_error(e)}") from None
-    if not isinstance(raw, dict):
-        raise PeerdistillError(f"study {path} must be a mapping of keys to values")
-    return raw
+    return C.read_mapping(path, "study")
 
 
 def _mapping(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
