@@ -2,18 +2,17 @@
 # Regenerates every study of docs/RESULTS.md, then the document itself. Finished runs are skipped and
 # interrupted ones resumed, so this can be stopped and started again at any point.
 #   make evidence        (or: studies/run_all.sh from the repository root, with peerdistill installed)
-# Wall time of each step is appended to runs/evidence_times.jsonl.
+# docs/RESULTS.md states each step's wall time, read from the steps' own records (study.json, tstddev.json, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PD=${PEERDISTILL:-peerdistill}
 mkdir -p runs
-step() {  # step NAME COMMAND...: run, time, record
+step() {  # step NAME COMMAND...: run it, say how long it took
   local name=$1; shift
   local t0; t0=$(date +%s)
   echo "=== $(date '+%H:%M:%S') $name: $*"
   "$@"
-  printf '{"step": "%s", "seconds": %s, "finished": "%s"}\n' "$name" "$(( $(date +%s) - t0 ))" \
-    "$(date -Iseconds)" >> runs/evidence_times.jsonl
+  echo "=== $name: $(( $(date +%s) - t0 )) s"
 }
 step mixed_samples "$PD" sweep studies/mixed_samples.yaml
 step good_da_teacher "$PD" sweep studies/good_da_teacher.yaml
@@ -23,5 +22,6 @@ step good_da_teacher "$PD" sweep studies/good_da_teacher.yaml
 step good_da "$PD" sweep studies/good_da.yaml
 step correlate "$PD" correlate runs/good_da/tstddev.json runs/good_da/extra_aug-*_s*
 step self_kd "$PD" sweep studies/self_kd.yaml
+step calibration python studies/calibration.py runs/self_kd
 step online_kd "$PD" sweep studies/online_kd.yaml
 step results python studies/results.py

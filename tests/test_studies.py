@@ -1,0 +1,77 @@
+"""The scripts of studies/: the verdict rule of results.py, the calibration diagnostics and the document's
+SD-Dropout calibration answer, on hand-made numbers and runs."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "studies"))
+import calibration  # noqa: E402
+import results  # noqa: E402
+
+
+def test_verdict_reproduced_contradicted_inconclusive_and_not_run():
+    assert results.Test("a > b", [2.0, 2.1, 2.2], [1.0, 1.1, 1.2]).verdict()[0] == "reproduced"
+    assert results.Test("a > b", [1.0, 1.1, 1.2], [2.0, 2.1, 2.2]).verdict()[0] == "contradicted"
+    assert results.Test("a < b", [1.0, 1.1, 1.2], [2.0, 2.1, 2.2], higher=False).verdict()[0] == "reproduced"
+    assert results.Test("a > b", [1.0, 3.0, 2.0], [2.0, 1.0, 3.0]).verdict()[0] == "inconclusive at this budget"
+    assert results.Test("a > b", [1.0], [2.0, 3.0]).verdict()[0] == "not run yet"
+    word, detail = results.Test("a > b", [2.0, 2.2], [1.0, 1.2]).verdict()
+    assert "Δ = +1.00 ± 0.14" in detail and "n = 2 vs 2" in detail  # se = sqrt(0.02/2 + 0.02/2)
+
+
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits(one_thread):
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(20000, 10, generator=g) * 2
+    labels = torch.multinomial(true.softmax(1), 1, generator=g).squeeze(1)  # labels drawn from softmax(true)
+    assert calibration.fit_temperature(true * 3, labels) == pytest.approx(3.0, rel=0.05)
+    assert calibration.fit_temperature(true / 2, labels) == pytest.approx(0.5, rel=0.05)
+
+
+def test_calibration_gap_has_the_sign_of_over_or_under_confidence(one_thread):
+    labels = torch.tensor([0, 0, 1, 1])
+    sharp = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [0.0, 9.0]])  # 75 % right, confidence ~1
+    flat = torch.tensor([[0.1, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.1]])  # 100 % right, confidence ~0.52
+    over, under = calibration.calibration(sharp, labels), calibration.calibration(flat, labels)
+    assert over["top1"] == 75.0 and over["gap"] == pytest.approx(25.0, abs=0.1) and over["ece"] == pytest.approx(25.0, abs=0.1)
+    p = math.exp(0.1) / (1 + math.exp(0.1))
+    assert under["gap"] == pytest.approx(100 * (p - 1)) and under["confidence"] == pytest.approx(100 * p)
+    assert under["logit_norm"] == pytest.approx(0.1 / math.sqrt(2))
+
+
+def _fake_run(root: Path, name: str, eces: list[float]) -> Path:
+    d = root / "self_kd" / name
+    d.mkdir(parents=True)
+    lines = [{"epoch": 5 * (i + 1), "loss": {"ce0": 1.0}, "test": {"peer0": {"ece": e, "nll": 0.4, "top1": 80.0}}}
+             for i, e in enumerate(eces)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return d
+
+
+def test_sdd_calibration_answer_is_read_from_the_runs(tmp_path):
+    rows = {}
+    curves = {"ce": [1.0, 2.0], "sd_dropout": [20.0, 12.0], "sd_dropout-lam0.1": [3.0, 2.5]}
+    cal = {"ce": (2.0, 2.5, 1.2, 1.0, 10.0), "sd_dropout": (-12.0, 12.0, 0.4, 1.5, 3.0),
+           "sd_dropout-lam0.1": (-2.0, 2.5, 0.9, 1.2, 8.0)}  # gap, ece, T*, ece after T*, logit norm
+    for name, eces in curves.items():
+        rows[name] = results.Row("self_kd", name, [_fake_run(tmp_path, f"{name}_s{s}", eces) for s in range(2)])
+    keys = ("gap", "ece", "t_star", "ece_scaled", "logit_norm")
+    entry = {k: 0.0 for k in calibration.KEYS}
+    data = {n: [entry | dict(zip(keys, v)) for _ in range(2)] for n, v in cal.items()}
+    (tmp_path / "self_kd" / "calibration.json").write_text(json.dumps({"rows": data}))
+    text = "\n".join(results.sdd_calibration(tmp_path, rows))
+    assert "CE's gap is +2.00 (over-confident)" in text
+    assert "λ = 1 -12.00 (under-confident, T* = 0.40)" in text
+    assert "the weight explains most of it" in text and "3.00 vs 10.00 for CE" in text
+    assert "from 20.00 at epoch 5 to 12.00 at epoch 10" in text and "it shrinks with training" in text
+    assert "takes SD-Dropout's ECE from 12.00 to 1.50" in text and "the logits' scale" in text
+    assert "| 10 | 2.00 | 12.00 | 2.50 |" in text  # the per-epoch ECE table
+
+
+def test_sdd_calibration_waits_for_its_runs(tmp_path):
+    assert "not run yet" in "\n".join(results.sdd_calibration(tmp_path, {}))
