@@ -75,3 +75,11 @@ def test_sdd_calibration_answer_is_read_from_the_runs(tmp_path):
 
 def test_sdd_calibration_waits_for_its_runs(tmp_path):
     assert "not run yet" in "\n".join(results.sdd_calibration(tmp_path, {}))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_study_file_expands_to_valid_runs(path):
+    from peerdistill.sweep.study import load_study
+
+    study = load_study(path)
+    assert study.runs and len({r.name for r in study.runs}) == len(study.runs)
