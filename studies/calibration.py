@@ -1,10 +1,10 @@
 """Over- or under-confident? The calibration of a study's runs beyond ECE.
 
-    python studies/calibration.py runs/self_kd [--rows ce,sd_dropout,sd_dropout-lam0.1] [--head peer0]
+    python studies/calibration.py runs/self_kd [--rows ce,sd_dropout] [--head peer0]
                                   [--out runs/self_kd/calibration.json]
 
 ECE says how far confidence is from accuracy, not in which direction. For the last checkpoint of each finished
-run of the named rows (``<row>_s<seed>``) this reports, on the test set: top-1, mean confidence, the signed gap
+run of the named rows (``<row>_s<seed>``; default: every row of the study's study.json) this reports, on the test set: top-1, mean confidence, the signed gap
 (mean confidence - accuracy, in points: > 0 over-confident, < 0 under-confident), ECE, NLL and the logits' mean
 norm; and the temperature T* that minimises the NLL on the run's validation split (temperature scaling, Guo et
 al. 2017: T* > 1 means the network was over-confident, T* < 1 under-confident) with the test ECE and NLL after
@@ -92,7 +92,7 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path, help="a study's run directory (runs/<study>)")
-    ap.add_argument("--rows", default="ce,sd_dropout,sd_dropout-lam0.1", help="row names, comma-separated")
+    ap.add_argument("--rows", help="row names, comma-separated (default: every row of STUDY/study.json)")
     ap.add_argument("--head", default="peer0")
     ap.add_argument("--out", type=Path, help="default: STUDY/calibration.json")
     args = ap.parse_args()
@@ -100,13 +100,20 @@ def main() -> None:
     out = args.out or args.study / "calibration.json"
     t0 = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {}
-    for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
+    if args.rows:
+        names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    else:
+        try:
+            names = list(dict.fromkeys(r["row"] for r in json.loads((args.study / "study.json").read_text())["runs"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"{args.study}: no readable study.json ({e}); name the rows with --rows") from None
+    for name in names:
         runs = sorted(d for d in args.study.glob(f"{name}_s*")
                       if re.fullmatch(re.escape(name) + r"_s\d+", d.name) and (d / "summary.json").is_file())
         if runs:
             rows[name] = [evaluate_run(d, args.head) for d in runs]
     if not rows:
-        raise SystemExit(f"no finished runs of rows {args.rows} in {args.study}")
+        raise SystemExit(f"no finished runs of rows {', '.join(names)} in {args.study}")
     out.write_text(json.dumps({"study": str(args.study), "head": args.head, "seconds": time.perf_counter() - t0,
                                "rows": rows}, indent=2))
     print(table(rows))

@@ -22,6 +22,6 @@ step good_da_teacher "$PD" sweep studies/good_da_teacher.yaml
 step good_da "$PD" sweep studies/good_da.yaml
 step correlate "$PD" correlate runs/good_da/tstddev.json runs/good_da/extra_aug-*_s*
 step self_kd "$PD" sweep studies/self_kd.yaml
-step calibration python studies/calibration.py runs/self_kd
+step calibration python studies/calibration.py runs/self_kd   # every row of the study
 step online_kd "$PD" sweep studies/online_kd.yaml
 step results python studies/results.py

@@ -65,7 +65,8 @@ def test_sdd_calibration_answer_is_read_from_the_runs(tmp_path):
     data = {n: [entry | dict(zip(keys, v)) for _ in range(2)] for n, v in cal.items()}
     (tmp_path / "self_kd" / "calibration.json").write_text(json.dumps({"rows": data}))
     text = "\n".join(results.sdd_calibration(tmp_path, rows))
-    assert "CE's gap is +2.00 (over-confident)" in text
+    assert "**the weight**; no defect was found." in text
+    assert "CE's gap is +2.00 (over-confident)" in text and "over-confident by only 2.00 points" in text
     assert "λ = 1 -12.00 (under-confident, T* = 0.40)" in text
     assert "the weight explains most of it" in text and "3.00 vs 10.00 for CE" in text
     assert "from 20.00 at epoch 5 to 12.00 at epoch 10" in text and "it shrinks with training" in text
