@@ -370,7 +370,7 @@ def test_study_table_mean_std_and_paired_delta(tmp_path):
     # by hand: mean(80, 82) = 81, sample std = sqrt(2) = 1.41; paired Δ = [2, 3] -> 2.50 ± 0.71;
     # peers = mean(peer0, peer1) = top1 - 1; nll std of (0.5, 0.4) = 0.0707
     assert table[2] == "| method=independent | 2 | 78.50 ± 0.71 | 0.650 ± 0.071 | 77.50 ± 0.71 | 0.650 ± 0.071 | – | baseline | baseline |"
-    assert table[3] == "| method=dml | 2/3 | 81.00 ± 1.41 | 0.450 ± 0.071 | 80.00 ± 1.41 | 0.450 ± 0.071 | 42 ± 2.828 | +2.50 ± 0.71 | +2.50 ± 0.71 |"
+    assert table[3] == "| method=dml | 2/3 | 81.00 ± 1.41 | 0.450 ± 0.071 | 80.00 ± 1.41 | 0.450 ± 0.071 | 42.00 ± 2.83 | +2.50 ± 0.71 | +2.50 ± 0.71 |"
     best = study_table(rows, results, make_columns(["peer0"], ["top1"]), which="best").splitlines()
     assert best[3].startswith("| method=dml | 2/3 | 76.00 ± 1.41 |")
     # unpaired (different seeds): Δ ± sqrt(s_row² + s_base²)
@@ -425,3 +425,12 @@ def test_bad_slurm_time_is_one_line():
 
     with pytest.raises(PeerdistillError, match="slurm time '1h'"):
         _minutes("1h")
+
+
+def test_extra_columns_print_mean_and_std_to_the_same_decimals():
+    from peerdistill.report.study import mean_std
+
+    assert mean_std([70.77, 68.0, 73.5]) == "70.76 ± 2.75"  # 4 significant digits of the mean
+    assert mean_std([0.0123, 0.0130]) == "0.01265 ± 0.00049"
+    assert mean_std([54.0, 60.0, 47.0]) == "53.67 ± 6.51"
+    assert mean_std([85.1, 85.2], "top1") == "85.15 ± 0.07" and mean_std([], "top1") == "–"

@@ -168,10 +168,14 @@ def _seeds_cell(row: StudyRow, runs: list[RunResult]) -> str:
 
 def mean_std(values: list[float], metric: str = "") -> str:
     """``mean ± std`` (sample std, n − 1) over seeds; one value alone; ``–`` for none."""
-    d = _DECIMALS.get(metric, 2)
-    fmt = (lambda v: f"{v:.{d}f}") if metric else (lambda v: f"{v:.4g}")  # extra columns: unknown scale
     if not values:
         return "–"
+    if metric:
+        d = _DECIMALS.get(metric, 2)
+    else:  # extra columns, of unknown scale: 4 significant digits of the mean, the std to the same decimals
+        big = abs(statistics.mean(values))
+        d = max(0, 3 - math.floor(math.log10(big))) if big > 0 and math.isfinite(big) else 2
+    fmt = lambda v: f"{v:.{d}f}"  # noqa: E731
     if len(values) == 1:
         return fmt(values[0])
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
