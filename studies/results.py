@@ -119,7 +119,7 @@ class Test:
         word = ("reproduced" if right else "contradicted") if p < ALPHA else "inconclusive at this budget"
         digits = 3 if self.unit == "nats" else 2
         return word, (f"Δ = {diff:+.{digits}f} ± {se:.{digits}f} {self.unit} (difference of means ± its standard "
-                      f"error), Welch p = {p:.3f}, n = {len(self.a)} vs {len(self.b)} seeds")
+                      f"error), Welch {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}, n = {len(self.a)} vs {len(self.b)} seeds")
 
 
 def verdict_lines(tests: list[Test]) -> list[str]:

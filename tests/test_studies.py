@@ -84,3 +84,7 @@ def test_every_study_file_expands_to_valid_runs(path):
 
     study = load_study(path)
     assert study.runs and len({r.name for r in study.runs}) == len(study.runs)
+
+
+def test_verdict_prints_small_p_values_as_a_bound():
+    assert "Welch p < 0.001" in results.Test("a > b", [5.0, 5.01, 5.02], [1.0, 1.01, 1.02]).verdict()[1]
