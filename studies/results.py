@@ -91,6 +91,10 @@ def study_wall(runs: Path, study: str) -> str:
             f"({fmt_duration(d.get('runs_wall_s', 0))} summed over its {len(d['runs'])} runs)")
 
 
+def fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def fmt_duration(s: float) -> str:
     m = int(round(s / 60))
     return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min"
@@ -119,7 +123,7 @@ class Test:
         word = ("reproduced" if right else "contradicted") if p < ALPHA else "inconclusive at this budget"
         digits = 3 if self.unit == "nats" else 2
         return word, (f"Δ = {diff:+.{digits}f} ± {se:.{digits}f} {self.unit} (difference of means ± its standard "
-                      f"error), Welch {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}, n = {len(self.a)} vs {len(self.b)} seeds")
+                      f"error), Welch {fmt_p(p)}, n = {len(self.a)} vs {len(self.b)} seeds")
 
 
 def verdict_lines(tests: list[Test]) -> list[str]:
@@ -398,7 +402,7 @@ def good_da_block(runs: Path, gd: dict[str, Row]) -> list[str]:
             coef, p = c[name]["r"], c[name]["p"]
             word = ("reproduced" if coef > 0 else "contradicted") if p < ALPHA else "inconclusive at this budget"
             out += [f"- T. stddev predicts the student's test loss ({name.title()}): **{word}** — r = {coef:+.3f}, "
-                    f"p = {p:.3f}, {len(c['points'])} augmentations."]
+                    f"{fmt_p(p)}, {len(c['points'])} augmentations."]
     return out
 
 
