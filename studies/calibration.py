@@ -9,7 +9,8 @@ run of the named rows (``<row>_s<seed>``; default: every row of the study's stud
 norm; and the temperature T* that minimises the NLL on the run's validation split (temperature scaling, Guo et
 al. 2017: T* > 1 means the network was over-confident, T* < 1 under-confident) with the test ECE and NLL after
 dividing the logits by T*. A calibration error that temperature scaling removes is a matter of the logits'
-scale, not of the ranking of the classes.
+scale, not of the ranking of the classes. Logits are computed in float32 without autocast (as `peerdistill eval
+--robustness` does), so top-1 can differ from summary.json's bf16 evaluation in the last digit.
 """
 from __future__ import annotations
 

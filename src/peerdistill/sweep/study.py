@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
 from .. import config as C
 from ..errors import PeerdistillError, nearest
 from ..report.configs import NEUTRAL_KEYS, canon, flat_config, resolve, under
@@ -116,7 +115,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     :func:`~peerdistill.engine.build.validate_config` here, before anything runs.
     """
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = C.read_mapping(path, "study")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise PeerdistillError(f"{path}: unknown study key {unknown[0]!r}{nearest(str(unknown[0]), TOP_KEYS)} "
@@ -137,10 +136,6 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study.baseline = _baseline(raw.get("baseline"), study)
     _check_unique(study)
     return study
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    return C.read_mapping(path, "study")
 
 
 def _mapping(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
