@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ALPHA = 0.05  # significance level of every verdict
-STUDIES = ("mixed_samples", "online_kd", "good_da", "self_kd")
+STUDIES = ("mixed_samples", "online_kd", "good_da", "self_kd", "budget")
 
 
 # ------------------------------------------------------------------------------------------ reading runs
@@ -55,6 +55,11 @@ def load_rows(runs: Path, study: str) -> dict[str, Row]:
         if r.get("state") == "finished" or (d / "summary.json").is_file():
             rows.setdefault(r["row"], Row(study, r["row"], [])).runs.append(d)
     return rows
+
+
+def vals(rows: dict[str, Row], name: str, get: Any) -> list[float]:
+    """A row's values, or none when the row has no finished run yet."""
+    return rows[name].values(get) if name in rows else []
 
 
 def summary(d: Path) -> dict[str, Any]:
@@ -163,7 +168,7 @@ def budget_section(runs: Path) -> list[str]:
            "| study, baseline | epoch | train CE | test NLL | test ECE (%) | test top-1 |", "|---|---|---|---|---|---|"]
     facts = []
     for study, row, head in (("online_kd", "independent", "peer0"), ("self_kd", "ce", "peer0"),
-                             ("mixed_samples", "dml", "peer0")):
+                             ("mixed_samples", "dml", "peer0"), ("budget", "independent", "peer0")):
         r = load_rows(runs, study).get(row)
         if not r:
             continue
@@ -174,10 +179,11 @@ def budget_section(runs: Path) -> list[str]:
             m = [rec["test"][head] for rec in recs]
             curve.append((e, statistics.mean(_train_ce(rec["loss"]) for rec in recs),
                           *(statistics.mean(x[k] for x in m) for k in ("nll", "ece", "top1"))))
-        out += [f"| {study}, {row} | {e} | {loss:.3f} | {nll:.3f} | {ece:.2f} | {top1:.2f} |"
-                for e, loss, nll, ece, top1 in curve]
         half = min(curve, key=lambda c: abs(c[0] - curve[-1][0] / 2))
         best = min(curve, key=lambda c: c[2])
+        shown = [c for c in curve if len(curve) <= 6 or c[0] % 20 == 0 or c in (best, curve[-1])]
+        out += [f"| {study}, {row} | {e} | {loss:.3f} | {nll:.3f} | {ece:.2f} | {top1:.2f} |"
+                for e, loss, nll, ece, top1 in shown]
         gap = (half[2] - half[1], curve[-1][2] - curve[-1][1])  # test NLL - train CE
         verdict = (f"the test NLL rose by {curve[-1][2] - best[2]:.3f} after its lowest point: the baseline overfits"
                    if best[0] < curve[-1][0] and curve[-1][2] - best[2] > 0.005 else
@@ -192,7 +198,29 @@ def budget_section(runs: Path) -> list[str]:
         "", "A training loss that keeps falling while the test loss stops following it (a widening gap, a rising "
         "test NLL, a growing calibration error) is the regime in which distillation and self-distillation are "
         "claimed to help; where the rows above do not show it, a regulariser has less room to help.", ""]
-    return out
+    return out + long_budget(runs)
+
+
+def long_budget(runs: Path) -> list[str]:
+    """The studies' short budgets against five times as many epochs: does DML help where the baseline overfits?"""
+    rows = load_rows(runs, "budget")
+    out = ["### The same subset for 200 epochs", "",
+           "`studies/budget.yaml` keeps the online study's subset, ResNet-8 peers and cosine schedule and trains for "
+           f"200 epochs instead of 40 (its independent row is the last curve above): {study_wall(runs, 'budget')}.",
+           "", table(runs, "budget"), ""]
+    if not rows:
+        return out
+    peers, nll, ens = final("peers"), final("peers", "nll"), final("ensemble")
+    out += ["**Verdicts** (mean peer test metrics):", ""]
+    out += verdict_lines([
+        Test("DML > independent peers at 200 epochs (top-1)", vals(rows, "dml", peers),
+             vals(rows, "independent", peers)),
+        Test("DML NLL < independent peers at 200 epochs", vals(rows, "dml", nll),
+             vals(rows, "independent", nll), higher=False, unit="nats"),
+        Test("DML ensemble > independent ensemble at 200 epochs (top-1)", vals(rows, "dml", ens),
+             vals(rows, "independent", ens)),
+    ])
+    return out + [""]
 
 
 def paper_sections(runs: Path) -> list[str]:
@@ -200,9 +228,6 @@ def paper_sections(runs: Path) -> list[str]:
     ms = load_rows(runs, "mixed_samples")
     sk = load_rows(runs, "self_kd")
     gd = load_rows(runs, "good_da")
-
-    def vals(rows: dict[str, Row], name: str, get: Any) -> list[float]:
-        return rows[name].values(get) if name in rows else []
 
     peers, ema0 = final("peers"), final("ema0")
     out: list[str] = []
@@ -398,8 +423,9 @@ def good_da_block(runs: Path, gd: dict[str, Row]) -> list[str]:
         out += [""]
     if corr_path.is_file():
         c = json.loads(corr_path.read_text())
-        out += ["| correlation with the student test loss | coefficient | p-value |", "|---|---|---|"]
-        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {c[name]['p']:.3f} |" for name in ("pearson", "spearman", "kendall")]
+        out += ["| correlation with the student test loss | coefficient | p |", "|---|---|---|"]
+        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {fmt_p(c[name]['p']).removeprefix('p = ').removeprefix('p ')} |"
+                for name in ("pearson", "spearman", "kendall")]
         out += ["", "![T. stddev vs student test loss](figures/good_da_correlation.png)", ""]
         for name in ("pearson", "spearman", "kendall"):
             coef, p = c[name]["r"], c[name]["p"]
@@ -445,8 +471,8 @@ def times_section(runs: Path) -> list[str]:
     steps += [(f"`peerdistill sweep studies/{name}.yaml`", _seconds(runs / name / "study.json", lambda d: d["total_wall_s"]))
               for name in ("good_da", "self_kd")]
     steps += [("`studies/calibration.py runs/self_kd`", _seconds(runs / "self_kd" / "calibration.json", lambda d: d["seconds"])),
-              ("`peerdistill sweep studies/online_kd.yaml`", _seconds(runs / "online_kd" / "study.json",
-                                                                     lambda d: d["total_wall_s"]))]
+              *((f"`peerdistill sweep studies/{name}.yaml`", _seconds(runs / name / "study.json", lambda d: d["total_wall_s"]))
+                for name in ("online_kd", "budget"))]
     done = [(k, v) for k, v in steps if v is not None]
     if done:
         out += ["Wall time of each step as last run on this 2-core machine (a sweep's time sums its sessions; a pass "

@@ -24,4 +24,5 @@ step correlate "$PD" correlate runs/good_da/tstddev.json runs/good_da/extra_aug-
 step self_kd "$PD" sweep studies/self_kd.yaml
 step calibration python studies/calibration.py runs/self_kd   # every row of the study
 step online_kd "$PD" sweep studies/online_kd.yaml
+step budget "$PD" sweep studies/budget.yaml
 step results python studies/results.py
