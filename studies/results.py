@@ -202,25 +202,31 @@ def budget_section(runs: Path) -> list[str]:
 
 
 def long_budget(runs: Path) -> list[str]:
-    """The studies' short budgets against five times as many epochs: does DML help where the baseline overfits?"""
+    """The online study's budget against five times as many epochs: do online KD methods help where the baseline
+    overfits?"""
     rows = load_rows(runs, "budget")
     out = ["### The same subset for 200 epochs", "",
            "`studies/budget.yaml` keeps the online study's subset, ResNet-8 peers and cosine schedule and trains for "
-           f"200 epochs instead of 40 (its independent row is the last curve above): {study_wall(runs, 'budget')}.",
-           "", table(runs, "budget"), ""]
+           "200 epochs instead of 40 (its independent row is the last curve above), with DML, MCL, PCL and DKEL: "
+           f"{study_wall(runs, 'budget')}.", "", table(runs, "budget"), ""]
     if not rows:
         return out
-    peers, nll, ens = final("peers"), final("peers", "nll"), final("ensemble")
-    out += ["**Verdicts** (mean peer test metrics):", ""]
-    out += verdict_lines([
-        Test("DML > independent peers at 200 epochs (top-1)", vals(rows, "dml", peers),
-             vals(rows, "independent", peers)),
-        Test("DML NLL < independent peers at 200 epochs", vals(rows, "dml", nll),
-             vals(rows, "independent", nll), higher=False, unit="nats"),
-        Test("DML ensemble > independent ensemble at 200 epochs (top-1)", vals(rows, "dml", ens),
-             vals(rows, "independent", ens)),
-    ])
-    return out + [""]
+    peers, nll, ece, ens, ema0 = (final("peers"), final("peers", "nll"), final("peers", "ece"), final("ensemble"),
+                                  final("ema0"))
+    tests = [Test("DML > independent peers (top-1)", vals(rows, "dml", peers), vals(rows, "independent", peers)),
+             Test("DML NLL < independent peers", vals(rows, "dml", nll), vals(rows, "independent", nll), False, "nats"),
+             Test("DML ECE < independent peers", vals(rows, "dml", ece), vals(rows, "independent", ece), False),
+             Test("DML ensemble > independent ensemble (top-1)", vals(rows, "dml", ens), vals(rows, "independent", ens)),
+             Test("MCL > independent peers (top-1)", vals(rows, "mcl", peers), vals(rows, "independent", peers)),
+             Test("MCL > DML (top-1)", vals(rows, "mcl", peers), vals(rows, "dml", peers)),
+             Test("PCL > DML (top-1)", vals(rows, "pcl", peers), vals(rows, "dml", peers)),
+             Test("DKEL > PCL (peers top-1)", vals(rows, "dkel", peers), vals(rows, "pcl", peers)),
+             Test("DKEL > PCL (teacher head ema0 top-1)", vals(rows, "dkel", ema0), vals(rows, "pcl", ema0))]
+    return out + ["**Verdicts at 200 epochs** (mean peer test metrics unless named):", ""] + verdict_lines(tests) + [""]
+
+
+LONGER = ("The same subset trained for 200 epochs instead of 40 tests {} again, with the independent baseline's "
+          "curve beside it: \"The same subset for 200 epochs\" above.")
 
 
 def paper_sections(runs: Path) -> list[str]:
@@ -261,7 +267,7 @@ def paper_sections(runs: Path) -> list[str]:
         Test("MCL ×4 > MCL ×2", vals(ok, "mcl4", peers), vals(ok, "mcl", peers)),
         Test("L-MCL > MCL", vals(ok, "lmcl", peers), vals(ok, "mcl", peers)),
     ])
-    out += [""]
+    out += ["", LONGER.format("MCL against independent peers and DML"), ""]
 
     out += ["## 3. DKEL: Decoupled Knowledge with Ensemble Learning (on PCL)", "",
             "**Claim.** An independent teacher (a copy of the student, initialised by a few SGD steps and averaged "
@@ -280,7 +286,7 @@ def paper_sections(runs: Path) -> list[str]:
              Test("DKEL fixed EMA > the code's mean-teacher EMA (peers)", vals(ok, "dkel", peers), vals(ok, "dkel-meanteacher", peers))]
     tests += [Test(f"PCL > {b.upper() if b != 'cl_ilr' else 'CL-ILR'}", vals(ok, "pcl", peers), vals(ok, b, peers))
               for b in ("dml", "cl_ilr", "one", "ffl", "okddip", "kdcl")]
-    out += verdict_lines(tests) + [""]
+    out += verdict_lines(tests) + ["", LONGER.format("PCL against DML and DKEL against PCL"), ""]
 
     out += ["## 4. What makes a “good” data augmentation in knowledge distillation (T. stddev, CutMixPick)", "",
             "**Claim.** The teacher's mean-probability standard deviation (T. stddev) under an augmentation predicts "
@@ -463,16 +469,18 @@ def times_section(runs: Path) -> list[str]:
            "Finished runs are skipped and interrupted ones resumed, so the command can be stopped and restarted. "
            "Each study alone: `peerdistill sweep studies/<name>.yaml` (its table: `runs/<name>/study.md`); this "
            "document alone: `python studies/results.py`.", ""]
-    steps = [(f"`peerdistill sweep studies/{name}.yaml`", _seconds(runs / name / "study.json", lambda d: d["total_wall_s"]))
-             for name in ("mixed_samples", "good_da_teacher")]
-    steps += [("`peerdistill tstddev` (10 epochs)", _seconds(runs / "good_da" / "tstddev.json", lambda d: d["seconds"])),
-              ("`studies/tstddev_stability.py` (1, 2, 5 epochs)", _seconds(
-                  runs / "good_da" / "tstddev_stability.json", lambda d: sum(r["seconds"] for r in d["rows"])))]
-    steps += [(f"`peerdistill sweep studies/{name}.yaml`", _seconds(runs / name / "study.json", lambda d: d["total_wall_s"]))
-              for name in ("good_da", "self_kd")]
-    steps += [("`studies/calibration.py runs/self_kd`", _seconds(runs / "self_kd" / "calibration.json", lambda d: d["seconds"])),
-              *((f"`peerdistill sweep studies/{name}.yaml`", _seconds(runs / name / "study.json", lambda d: d["total_wall_s"]))
-                for name in ("online_kd", "budget"))]
+    def sweep(name: str) -> tuple[str, Path, Any]:
+        return f"`peerdistill sweep studies/{name}.yaml`", runs / name / "study.json", lambda d: d["total_wall_s"]
+
+    good_da = runs / "good_da"
+    records = [sweep("mixed_samples"), sweep("good_da_teacher"),
+               ("`peerdistill tstddev` (10 epochs)", good_da / "tstddev.json", lambda d: d["seconds"]),
+               ("`studies/tstddev_stability.py` (1, 2, 5 epochs)", good_da / "tstddev_stability.json",
+                lambda d: sum(r["seconds"] for r in d["rows"])),
+               sweep("good_da"), sweep("self_kd"),
+               ("`studies/calibration.py runs/self_kd`", runs / "self_kd" / "calibration.json", lambda d: d["seconds"]),
+               sweep("online_kd"), sweep("budget")]
+    steps = [(label, _seconds(path, get)) for label, path, get in records]
     done = [(k, v) for k, v in steps if v is not None]
     if done:
         out += ["Wall time of each step as last run on this 2-core machine (a sweep's time sums its sessions; a pass "

@@ -88,3 +88,27 @@ def test_every_study_file_expands_to_valid_runs(path):
 
 def test_verdict_prints_small_p_values_as_a_bound():
     assert "Welch p < 0.001" in results.Test("a > b", [5.0, 5.01, 5.02], [1.0, 1.01, 1.02]).verdict()[1]
+
+
+def _study_with_curve(root: Path, study: str, row: str, nlls: list[float]) -> None:
+    d = root / study / f"{row}_s0"
+    d.mkdir(parents=True)
+    lines = [{"epoch": 10 * (i + 1), "loss": {"ce0": 1.0 / (i + 1), "ce1": 1.0 / (i + 1)},
+              "test": {"peer0": {"nll": v, "ece": 2.0, "top1": 80.0}}} for i, v in enumerate(nlls)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (d / "summary.json").write_text("{}")
+    (root / study / "study.json").write_text(json.dumps({"runs": [{"name": d.name, "row": row, "state": "finished"}]}))
+
+
+def test_budget_section_tells_a_rising_test_loss_from_a_falling_one(tmp_path):
+    _study_with_curve(tmp_path, "online_kd", "independent", [0.9, 0.7, 0.6, 0.55])  # still falling at the end
+    _study_with_curve(tmp_path, "budget", "independent", [0.9, 0.6, 0.5, 0.58])  # lowest at epoch 30, then up
+    text = "\n".join(results.budget_section(tmp_path))
+    facts = [ln for ln in text.splitlines() if ln.startswith("- ") and "(independent): from epoch" in ln]
+    assert len(facts) == 2, facts
+    assert facts[0].startswith("- online_kd (independent)") and "does not overfit" in facts[0]
+    assert facts[1].startswith("- budget (independent)") and "rose by 0.080 after its lowest point" in facts[1]
+    assert "(lowest 0.500 at epoch 30)" in facts[1] and "train CE fell by 50 %" in facts[1]  # 1/2 -> 1/4
+    assert "| budget, independent | 40 | 0.250 | 0.580 | 2.00 | 80.00 |" in text
+    assert "_Study `budget` has not been run yet._" in text  # no study.md: the table waits for the sweep
+    assert "- DML > independent peers (top-1): **not run yet** — 0 vs 0 finished runs." in text
