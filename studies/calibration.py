@@ -4,13 +4,14 @@
                                   [--out runs/self_kd/calibration.json]
 
 ECE says how far confidence is from accuracy, not in which direction. For the last checkpoint of each finished
-run of the named rows (``<row>_s<seed>``; default: every row of the study's study.json) this reports, on the test set: top-1, mean confidence, the signed gap
-(mean confidence - accuracy, in points: > 0 over-confident, < 0 under-confident), ECE, NLL and the logits' mean
-norm; and the temperature T* that minimises the NLL on the run's validation split (temperature scaling, Guo et
-al. 2017: T* > 1 means the network was over-confident, T* < 1 under-confident) with the test ECE and NLL after
-dividing the logits by T*. A calibration error that temperature scaling removes is a matter of the logits'
-scale, not of the ranking of the classes. Logits are computed in float32 without autocast (as `peerdistill eval
---robustness` does), so top-1 can differ from summary.json's bf16 evaluation in the last digit.
+run of the named rows (``<row>_s<seed>``; default: every row of the study's study.json) this reports, on the
+test set: top-1, mean confidence, the signed gap (mean confidence - accuracy, in points: > 0 over-confident,
+< 0 under-confident), ECE, NLL and the logits' mean norm; and the temperature T* that minimises the NLL on
+the run's validation split (temperature scaling, Guo et al. 2017: T* > 1 means the network was over-confident,
+T* < 1 under-confident) with the test ECE and NLL after dividing the logits by T*. A calibration error that
+temperature scaling removes is a matter of the logits' scale, not of the ranking of the classes. Logits are
+computed in float32 without autocast (as `peerdistill eval --robustness` does), so top-1 can differ from
+summary.json's bf16 evaluation in the last digit.
 """
 from __future__ import annotations
 

@@ -96,8 +96,11 @@ def study_wall(runs: Path, study: str) -> str:
             f"({fmt_duration(d.get('runs_wall_s', 0))} summed over its {len(d['runs'])} runs)")
 
 
-def fmt_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+def fmt_p(p: float, prefix: bool = True) -> str:
+    """``p < 0.001`` / ``p = 0.004`` in a sentence; ``< 0.001`` / ``0.004`` in a table cell (``prefix=False``)."""
+    if p < 0.001:
+        return "p < 0.001" if prefix else "< 0.001"
+    return f"p = {p:.3f}" if prefix else f"{p:.3f}"
 
 
 def fmt_duration(s: float) -> str:
@@ -159,7 +162,7 @@ def _train_ce(loss: dict[str, float]) -> float:
 
 
 def budget_section(runs: Path) -> list[str]:
-    """Evidence that the baselines overfit at the studies' budgets: train loss vs test NLL and ECE."""
+    """Whether the baselines overfit at the studies' budgets: train loss vs test NLL and ECE per evaluation."""
     out = ["## The budget", "",
            "Fashion-MNIST at full size for a few epochs is too easy for a regulariser to show anything, so the "
            "studies train on a stratified subset for many epochs, meant to reach the regime where the baselines "
@@ -181,6 +184,7 @@ def budget_section(runs: Path) -> list[str]:
                           *(statistics.mean(x[k] for x in m) for k in ("nll", "ece", "top1"))))
         half = min(curve, key=lambda c: abs(c[0] - curve[-1][0] / 2))
         best = min(curve, key=lambda c: c[2])
+        # a long curve is shown every 20 epochs, with its lowest test NLL and its end
         shown = [c for c in curve if len(curve) <= 6 or c[0] % 20 == 0 or c in (best, curve[-1])]
         out += [f"| {study}, {row} | {e} | {loss:.3f} | {nll:.3f} | {ece:.2f} | {top1:.2f} |"
                 for e, loss, nll, ece, top1 in shown]
@@ -430,7 +434,7 @@ def good_da_block(runs: Path, gd: dict[str, Row]) -> list[str]:
     if corr_path.is_file():
         c = json.loads(corr_path.read_text())
         out += ["| correlation with the student test loss | coefficient | p |", "|---|---|---|"]
-        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {fmt_p(c[name]['p']).removeprefix('p = ').removeprefix('p ')} |"
+        out += [f"| {name.title()} | {c[name]['r']:+.3f} | {fmt_p(c[name]['p'], prefix=False)} |"
                 for name in ("pearson", "spearman", "kendall")]
         out += ["", "![T. stddev vs student test loss](figures/good_da_correlation.png)", ""]
         for name in ("pearson", "spearman", "kendall"):

@@ -88,6 +88,8 @@ def test_every_study_file_expands_to_valid_runs(path):
 
 def test_verdict_prints_small_p_values_as_a_bound():
     assert "Welch p < 0.001" in results.Test("a > b", [5.0, 5.01, 5.02], [1.0, 1.01, 1.02]).verdict()[1]
+    assert (results.fmt_p(0.0004), results.fmt_p(0.0004, prefix=False)) == ("p < 0.001", "< 0.001")
+    assert (results.fmt_p(0.0042), results.fmt_p(0.0042, prefix=False)) == ("p = 0.004", "0.004")
 
 
 def _study_with_curve(root: Path, study: str, row: str, nlls: list[float]) -> None:
