@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from ..errors import PeerdistillError
 from ..registry import Registry
 
 MODELS: Registry[StagedNet] = Registry("model")
@@ -90,5 +91,15 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs: object) -> StagedNet:
-    """Build a registered model; every constructor takes ``num_classes`` and ``in_channels``."""
-    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    """Build a registered model; every constructor takes ``num_classes`` and ``in_channels``.
+
+    Raises:
+        PeerdistillError: if what the constructor returns is not a :class:`StagedNet` (the engine reads its
+            stem, stages and classifier), before any run directory exists.
+    """
+    net = MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if not isinstance(net, StagedNet):
+        raise PeerdistillError(f"model {name!r} builds a {type(net).__name__}, not a StagedNet: a model must be a "
+                               f"peerdistill.StagedNet (a stem, named stages and a linear classifier) so that "
+                               f"methods can tap its stages, embedding and head")
+    return net
