@@ -56,7 +56,7 @@ def _list(args: argparse.Namespace) -> None:
     from .models import MODELS
 
     if args.what == "config":
-        print(config_markdown() if args.markdown else config_text())
+        print(config_markdown() if args.markdown else config_text(), end="" if args.markdown else "\n")
         return
     if args.markdown:
         raise PeerdistillError("--markdown is for `peerdistill list config`")

@@ -106,7 +106,7 @@ def config_markdown() -> str:
             "`peerdistill list` prints them. Every run writes its config, with every default filled in, to "
             "`config.yaml`.", "",
             "| key | type and range | default | meaning |", "|---|---|---|---|"]
-    rows = [f"| `{k.key}` | {_cell(k.type)} | `{k.default}` | {_cell(k.meaning)} |" for k in config_keys()]
+    rows = [f"| `{k.key}` | `{_cell(k.type)}` | `{k.default}` | {_cell(k.meaning)} |" for k in config_keys()]
     return "\n".join(head + rows) + "\n"
 
 

@@ -15,9 +15,13 @@ def adversarial_table(part: dict[str, Any]) -> str:
     attacks = [a for a in ("fgsm", "pgd") if a in res]
     eps = [k for k in next(iter(res[attacks[0]].values()))] if attacks else []
     authors = "fgsm_authors" in res
-    header = ["head", "clean", *(f"{a.upper()} {e.split('/')[0]}" for a in attacks for e in eps)] + ["authors"] * authors
+    header = ["head", "clean", *(f"{a.upper()} {e.split('/')[0]}" for a in attacks for e in eps)]
     rows = [[head, _num(clean), *(_num(res[a][head][e]) for a in attacks for e in eps)]
-            + [_num(res["fgsm_authors"][head])] * authors for head, clean in res["clean"].items()]
+            for head, clean in res["clean"].items()]
+    if authors:
+        header.append("authors")
+        for row in rows:
+            row.append(_num(res["fgsm_authors"][row[0]]))
     lines = [f"adversarial top-1 (%), {plural(s['adv_limit'], 'test image')}, eps in 1/255 of the [0, 1] range, "
              f"PGD {plural(s['pgd_steps'], 'step')}{'' if s['pgd_random_start'] else ', no random start'}",
              *text_table(header, rows, "l" + "r" * (len(header) - 1))]
