@@ -35,17 +35,9 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import ADDONS, METHODS
 from peerdistill.params import Interval
 
-from .conftest import TINY, tiny_cfg
+from .conftest import TINY, one_line_error, tiny_cfg, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, *args: str) -> str:
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def digest(run: Path) -> dict[str, str]:
@@ -395,23 +387,18 @@ POSITIONALS = {"eval": ["run"], "tstddev": ["run"], "correlate": ["ts.json", "ru
                "table": ["run"], "bench": TINY, "list": [], "train": TINY}
 
 
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(OPTIONS), data=st.data())
 def test_fuzz_command_options_are_one_line_and_touch_nothing(case, data, capsys, workspace, monkeypatch):
     command, flag, hint = case
     value = data.draw(_invalid(hint), label=f"{command} {flag}")
     monkeypatch.chdir(workspace)  # a command that wrongly wrote runs/ or a result would write it here
-    before = _tree(workspace)
+    before = tree_digest(workspace)
     code = main([command, *POSITIONALS[command], f"{flag}={value}" if flag else value])
     err = capsys.readouterr().err.strip()
     assert code == 2, f"{command} {flag}={value} accepted"
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert _tree(workspace) == before
+    assert tree_digest(workspace) == before
 
 
 # ------------------------------------------------------------------ kill -9 at random points

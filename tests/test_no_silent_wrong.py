@@ -5,7 +5,6 @@ wrong. The fuzz test over every command's options is in test_hardening.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,23 +27,9 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS
 from peerdistill.models import MODELS
 
-from .conftest import TINY, have_fmnist, tiny_cfg
+from .conftest import TINY, have_fmnist, one_line_error, tiny_cfg, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, *args: str) -> str:
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-def digest(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` and its hash: what a refused command must leave as it was."""
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +116,11 @@ def test_eps_outside_its_range_is_refused_and_overwrites_nothing(run_dir, capsys
     fast = ["--attacks", "fgsm", "--limit", "8", "--threads", "1", "--no-plots"]
     assert main(["eval", str(run_dir), "--adversarial", "--eps", "8/255", *fast, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adversarial"]["results"]["fgsm"]["peer0"].keys() == {"8/255"}
-    before = digest(run_dir)
+    before = tree_digest(run_dir)
     for eps in ("2", "8", "0", "1/255,2"):
         err = one_line_error(capsys, "eval", str(run_dir), "--adversarial", "--eps", eps, *fast)
         assert "argument --eps: must be a list of float > 0 and <= 1" in err and "8/255" in err
-    assert digest(run_dir) == before
+    assert tree_digest(run_dir) == before
 
 
 # ------------------------------------------------------------------ 4. exact p for few points
