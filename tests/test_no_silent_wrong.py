@@ -67,7 +67,8 @@ def test_imagefolder_gets_its_image_size_and_grayscale(tmp_path):
 
 def test_a_parameter_of_another_source_is_refused(capsys, tmp_path):
     out = tmp_path / "r"
-    err = one_line_error(capsys, "train", "--out", str(out), "data.name=fashion-mnist", "data.image_size=64")
+    err = one_line_error(capsys, "train", "--out", str(out), "data.name=fashion-mnist", "data.image_size=64",
+                         f"data.root={tmp_path / 'nowhere'}")  # refused before the data is looked for
     assert "unknown config key 'data.image_size'" in err and "dataset 'fashion-mnist' takes no parameters" in err
     assert not out.exists()
     err = one_line_error(capsys, "train", "--out", str(out), "data.name=imagefolder", "data.root=x",
@@ -97,6 +98,18 @@ def test_every_parameter_a_source_declares_reaches_it(probe_source):
     cfg = C.load(None, ["data.name=probe"])
     validate_config(cfg)
     assert cfg.to_dict()["data"]["flavour"] == "plain"  # the source's defaults are recorded
+
+
+def test_a_source_parameter_named_like_a_general_key_is_refused():
+    def shadow(root: str | None = None, val_split: float = 0.5):
+        raise AssertionError("never built")
+
+    DATASETS.register("shadow_test")(shadow)
+    try:
+        with pytest.raises(PeerdistillError, match="parameter 'val_split' named like the general key data.val_split"):
+            validate_config(C.load(None, ["data.name=shadow_test"]))
+    finally:
+        DATASETS._items.pop("shadow_test")
 
 
 # ------------------------------------------------------------------ 2. the named checkpoint or an error
@@ -229,12 +242,12 @@ def test_a_corrupt_teacher_checkpoint_suggests_method_teacher(run_dir, capsys, t
 
 # ------------------------------------------------------------------ 11. resolved config, resolved resume
 def test_config_yaml_holds_every_resolved_parameter_and_resume_compares_values(run_dir, capsys, tmp_path):
-    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert stored["method"] == {"name": "dml", **METHODS.resolve("dml", {})}
-    assert stored["method"]["temperature"] == 1.0 and stored["data"]["size"] == 96
-    assert main(["train", "--resume", str(run_dir), "method.temperature=1.0"]) == 0
+    assert main(["train", "--resume", str(run_dir), "method.temperature=1.0"]) == 0  # the default, as stored
     assert main(["train", "--resume", str(run_dir), "method.temperature=1"]) == 0
     capsys.readouterr()
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert stored["method"]["temperature"] == 1.0 and stored["data"]["size"] == 96
+    assert stored["method"] == {"name": "dml", **METHODS.resolve("dml", {})}
     assert "method.temperature would change (1.0 -> 2.0)" in one_line_error(
         capsys, "train", "--resume", str(run_dir), "method.temperature=2")
     # a run written before defaults were stored (and with the synthetic keys every config had) resumes too
@@ -349,19 +362,20 @@ def _study_results(epochs: int = 1):
                   "b": [RunResult(0, Path("b"), summary(92.0), history(92.0))]}
 
 
-def test_study_bars_start_at_zero_and_one_epoch_curves_have_whole_epoch_ticks():
-    import matplotlib.pyplot as plt
+def test_study_bars_start_at_zero_and_one_epoch_curves_have_whole_epoch_ticks(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
 
-    from peerdistill.report.study import bars_figure, curves_figure
+    from peerdistill.report.study import plot_bars, plot_curves
 
+    axes = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: axes.append(fig.axes[0]))
     rows, results = _study_results()
-    fig = bars_figure(rows, results, ["peer0"], "top1", "final")
-    assert fig.axes[0].get_ylim()[0] == 0.0
-    fig = curves_figure(rows, results, ["peer0"])
-    lo, hi = fig.axes[0].get_xlim()
-    ticks = [t for t in fig.axes[0].get_xticks() if lo <= t <= hi]
-    assert hi - lo >= 1 and ticks == [1.0]
-    plt.close("all")
+    plot_bars(rows, results, ["peer0"], "top1", "final", tmp_path / "bars.png")
+    plot_curves(rows, results, ["peer0"], tmp_path / "curves.png")
+    bars, curves = axes
+    assert bars.get_ylim()[0] == 0.0  # 91 vs 92 drawn from 0, not from 89
+    lo, hi = curves.get_xlim()
+    assert hi - lo >= 1 and [t for t in curves.get_xticks() if lo <= t <= hi] == [1.0]
 
 
 def test_a_run_shorter_than_log_every_has_step_records(tmp_path):

@@ -104,7 +104,8 @@ class Config:
         model: the network of every peer, or a comma-separated list for a heterogeneous cohort
             (``peerdistill list models``).
         peers: the cohort size (default: the method's own, e.g. 2 for DML, 1 for self-distillation and KD).
-        mixer: a mixed-sample augmentation applied to every training batch (``peerdistill list mixers``); none by default.
+        mixer: a mixed-sample augmentation applied to every training batch (``peerdistill list mixers``); none by
+            default.
         addon: a loss term added to any method (e.g. ``sd_dropout``); none by default.
         epochs: passes over the training split.
         batch_size: images per optimizer step (the global batch under torchrun).

@@ -139,7 +139,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (default: held-out classes, the paired dataset if installed, gaussian, uniform), "
                         "holdout, a dataset name (mnist, cifar100, ...), gaussian, uniform")
     o.add_argument("--ood-root", metavar="DIR", help="data.root of an OOD dataset")
-    o.add_argument("--scores", type=_opt("scores", parse_list()), metavar="S,..", help="msp, odin, energy (default all)")
+    o.add_argument("--scores", type=_opt("scores", parse_list()), metavar="S,..",
+                   help="msp, odin, energy (default all)")
     o.add_argument("--odin-temperature", type=_opt("odin_temperature", parse_fraction), metavar="T",
                    help="ODIN temperature (default 1000)")
     o.add_argument("--odin-eps", type=_opt("odin_eps", parse_fraction), metavar="E",

@@ -96,12 +96,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--report-only", action="store_true", help="regenerate study.md, plots and study.json only")
     s.add_argument("--launcher", choices=("local", "torchrun", "submitit"),
                    help="local slots (default), local slots with torchrun per run, or Slurm via submitit")
-    s.add_argument("--slots", type=Option(PositiveInt), help="runs at once (local; default: cores / threads, capped by the runs)")
-    s.add_argument("--threads", type=Option(PositiveInt), help="threads per training process (default: 1 while runs fill the cores)")
-    s.add_argument("--nproc-per-node", type=Option(PositiveInt), help="processes per run under torchrun (default 2 with "
+    count = Option(PositiveInt)
+    s.add_argument("--slots", type=count, help="runs at once (local; default: cores / threads, capped by the runs)")
+    s.add_argument("--threads", type=count, help="threads per training process (default: 1 while runs fill the cores)")
+    s.add_argument("--nproc-per-node", type=count, help="processes per run under torchrun (default 2 with "
                                                       "--launcher torchrun)")
     s.add_argument("--local-gpus", default="auto", help="GPUs for local slots: auto, none or a list like 0,1")
-    s.add_argument("--runs-per-gpu", type=Option(PositiveInt), default=1, help="local runs sharing one GPU (small models)")
+    s.add_argument("--runs-per-gpu", type=count, default=1, help="local runs sharing one GPU (small models)")
     s.add_argument("--status-every", type=Option(Positive), default=60.0, metavar="S",
                    help="seconds between status lines")
     s.add_argument("--python", help="interpreter for the runs (default: this one)")
@@ -109,9 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = s.add_argument_group("Slurm (--launcher submitit; default from the study's slurm: section)")
     g.add_argument("--partition")
     g.add_argument("--time", help="per run: minutes or [D-]HH:MM:SS")
-    g.add_argument("--gpus", type=Option(PositiveInt), help="GPUs per run")
-    g.add_argument("--cpus", type=Option(PositiveInt), help="CPUs per run")
+    g.add_argument("--gpus", type=count, help="GPUs per run")
+    g.add_argument("--cpus", type=count, help="CPUs per run")
     g.add_argument("--mem-gb", type=Option(Positive))
-    g.add_argument("--array-parallelism", type=Option(PositiveInt), help="runs of the job array at once")
+    g.add_argument("--array-parallelism", type=count, help="runs of the job array at once")
     g.add_argument("--cluster", choices=("slurm", "local"), help="local: submitit's local executor (testing)")
     s.set_defaults(fn=run)

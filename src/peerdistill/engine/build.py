@@ -25,9 +25,13 @@ def source_args(d: DataConfig) -> dict[str, object]:
     """The dataset source's own parameters: every ``data.<parameter>`` checked against its signature, the
     others at their defaults (``root`` is the general ``data.root``)."""
     params = [k for k in DATASETS.params(d.name) if k not in ENGINE_ARGS["data"]]
+    general = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "args"]
+    shadowed = [k for k in params if f"data.{k}" in general]
+    if shadowed:  # data.<key> would set the general key and never reach the source
+        raise PeerdistillError(f"dataset {d.name!r} has a parameter {shadowed[0]!r} named like the general key "
+                               f"data.{shadowed[0]}; rename the parameter")
     unknown = [k for k in d.args if k not in params]
     if unknown:
-        general = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "args"]
         key = f"data.{unknown[0]}"
         takes = ", ".join(f"data.{k}" for k in params) or "no parameters of its own"
         raise PeerdistillError(f"unknown config key {key!r}{nearest(key, general + [f'data.{k}' for k in params])}; "

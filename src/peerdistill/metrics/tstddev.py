@@ -144,8 +144,9 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     loader = DeviceLoader(data.train, opts.batch_size, True, opts.seed)
     if opts.epochs * len(loader) < 2 * opts.group_iters:
         raise PeerdistillError(f"{plural(opts.epochs, 'epoch')} of {plural(len(loader), 'batch', 'batches')} of "
-                               f"{opts.batch_size} make fewer than 2 groups of {plural(opts.group_iters, 'iteration')}; "
-                               f"raise --epochs or lower --batch-size or --group-iters")
+                               f"{opts.batch_size} make fewer than 2 groups of "
+                               f"{plural(opts.group_iters, 'iteration')}; raise --epochs or lower --batch-size or "
+                               f"--group-iters")
 
     def logits_of(net: Any) -> Any:
         def run(x: Tensor) -> Tensor:

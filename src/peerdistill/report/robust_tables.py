@@ -56,8 +56,9 @@ def ood_table(part: dict[str, Any]) -> str:
             for score, m in scores.items():
                 m = m or {}
                 rows.append([name, head, score, *(_num(m.get(k)) for k in ("auroc", "aupr_in", "aupr_out", "fpr95"))])
-    return "\n".join([f"OOD detection (%), in-distribution: {res['in_distribution']}; ODIN T={s['odin_temperature']:g}, "
-                      f"eps={s['odin_eps']:g} ({s['odin_space']}); energy T={s['energy_temperature']:g}",
+    return "\n".join([f"OOD detection (%), in-distribution: {res['in_distribution']}; "
+                      f"ODIN T={s['odin_temperature']:g}, eps={s['odin_eps']:g} ({s['odin_space']}); "
+                      f"energy T={s['energy_temperature']:g}",
                       *text_table(["OOD set", "head", "score", "AUROC", "AUPR-in", "AUPR-out", "FPR95"], rows,
                                   "lllrrrr")])
 

@@ -202,10 +202,10 @@ def _delta(runs: list[RunResult], base: list[RunResult], col: Column, which: str
 def plot_bars(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], metric: str,
               which: str, path: Path) -> Path:
     """One panel per head: a bar per row (mean over seeds), error bars the seeds' std."""
-    return _save(bars_figure(rows, results, heads, metric, which), path)
+    return _save(_bars_figure(rows, results, heads, metric, which), path)
 
 
-def bars_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], metric: str,
+def _bars_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], metric: str,
                 which: str) -> plt.Figure:
     """The figure of :func:`plot_bars`. Every y axis starts at 0: a bar's height is its value, so the eye
     compares the rows in proportion (a cut axis makes a 1-point difference look like a doubling)."""
@@ -228,10 +228,10 @@ def plot_curves(rows: list[StudyRow], results: dict[str, list[RunResult]], heads
     Epochs without evaluation (no ``test`` in the record) are skipped; an epoch's mean uses the seeds that
     evaluated it.
     """
-    return _save(curves_figure(rows, results, heads), path)
+    return _save(_curves_figure(rows, results, heads), path)
 
 
-def curves_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str]) -> plt.Figure:
+def _curves_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str]) -> plt.Figure:
     """The figure of :func:`plot_curves`."""
     fig, axes = plt.subplots(1, len(heads), figsize=(max(3.6 * len(heads), 5), 3.8), squeeze=False)
     for ax, head in zip(axes[0], heads):

@@ -81,8 +81,8 @@ def plan_slots(todo: int, cores: int, slots: int | None = None, threads: int | N
     n = max(1, min(slots or max(cores // (nproc * (threads or 1)), 1), max(todo, 1)))
     k = threads or max(cores // (n * nproc), 1)
     if n * k * nproc > cores:
-        raise PeerdistillError(f"{plural(n, 'slot')} × {plural(nproc * k, 'thread')} ({plural(nproc, 'process', 'processes')} "
-                               f"× {k}) = {n * k * nproc} "
+        raise PeerdistillError(f"{plural(n, 'slot')} × {plural(nproc * k, 'thread')} "
+                               f"({plural(nproc, 'process', 'processes')} × {k}) = {n * k * nproc} "
                                f"exceed the {cores} usable cores; lower --slots or --threads")
     return Plan(n, k, nproc, sets[:n] if gpus else [])
 

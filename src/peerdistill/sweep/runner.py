@@ -22,12 +22,12 @@ from typing import Any, TextIO
 import yaml
 
 from .. import config as C
-from ..report.text import plural
 from ..engine.bench import format_duration as _long_duration
 from ..engine.run import ROBUST_PENDING
 from ..errors import PeerdistillError
 from ..report.logger import write_json
 from ..report.study import StudyRow, head_value, write_report
+from ..report.text import plural
 from .launch import CONFIG, Job, LocalLauncher, Outcome, Plan, is_busy, run_env, train_command
 from .launch import attempts as read_attempts
 from .slurm import SubmititLauncher
@@ -342,7 +342,8 @@ def dry_run(study: Study, plan: Plan, launcher: str, stream: TextIO | None = Non
             only: set[str] | None = None) -> dict[str, str]:
     """List the expanded runs with their state (``skipped``: not selected by ``only``)."""
     states = check_folders(study)
-    print(f"study {study.name}: {plural(len(study.runs), 'run')} in {study.out}; {launcher}: {plan.describe()}", file=stream)
+    print(f"study {study.name}: {plural(len(study.runs), 'run')} in {study.out}; {launcher}: {plan.describe()}",
+          file=stream)
     width = max(len(r.name) for r in study.runs)
     for run in study.runs:
         label = ", ".join(f"{k}={value_text(v)}" for k, v in run.row.overrides.items())
