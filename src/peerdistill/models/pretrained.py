@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,16 @@ def _unwrap(state: Any, path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+@dataclass
+class _Match:
+    """A weights file read under one naming: the tensors that found a place, and the keys that did not."""
+
+    naming: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)  # the zoo's name -> tensor
+    origin: dict[str, str] = field(default_factory=dict)  # the zoo's name -> the file's name
+    unknown: list[str] = field(default_factory=list)  # the file's keys with no place in the model
+
+
 def load_pretrained(net: nn.Module, model: str, path: str | Path,
                     head: Literal["reinit", "require"] = "reinit") -> str:
     """Copy the weights in ``path`` into ``net`` (a freshly built ``model``); returns the naming it matched.
@@ -122,44 +133,41 @@ def load_pretrained(net: nn.Module, model: str, path: str | Path,
             ``"require"``: it is an error (a frozen teacher needs its trained classifier).
     """
     ours = net.state_dict()
-    source, mapped, unknown = _best_naming(read_state_dict(path), WEIGHT_NAMES.get(model, {}), ours)
-    missing = [k for k in ours if k not in mapped and not k.endswith("num_batches_tracked")
+    names = {"peerdistill": lambda k: k, **WEIGHT_NAMES.get(model, {})}
+    match = _best_naming(read_state_dict(path), names, ours)
+    missing = [k for k in ours if k not in match.tensors and not k.endswith("num_batches_tracked")
                and not k.startswith("classifier.")]
-    if unknown or missing:
+    if match.unknown or missing:
         raise PeerdistillError(
-            f"{path} does not hold {model} weights: {len(unknown)} of its tensors have no place in it"
-            f"{_first(unknown)} and {len(missing)} of the model's are missing{_first(missing)} "
-            f"(closest naming: {source}; known: {', '.join(['peerdistill', *WEIGHT_NAMES.get(model, {})])})")
-    _fit_shapes(mapped, ours, model, path)
-    _fit_head(mapped, ours, path, head)
-    net.load_state_dict(mapped, strict=False)
-    return source
+            f"{path} does not hold {model} weights: {len(match.unknown)} of its tensors have no place in it"
+            f"{_first(match.unknown)} and {len(missing)} of the model's are missing{_first(missing)} "
+            f"(closest naming: {match.naming}; known: {', '.join(names)})")
+    _fit_shapes(match, ours, model, path)
+    _fit_head(match.tensors, ours, path, head)
+    net.load_state_dict(match.tensors, strict=False)
+    return match.naming
 
 
-def _best_naming(state: dict[str, Tensor], names: dict[str, KeyMap],
-                 ours: dict[str, Tensor]) -> tuple[str, dict[str, Tensor], list[str]]:
-    """The naming that places the most of the file's tensors: (its name, renamed tensors, keys left over)."""
-    best: tuple[str, dict[str, Tensor], list[str]] | None = None
-    for source, rename in {"peerdistill": lambda k: k, **names}.items():
-        mapped: dict[str, Tensor] = {}
-        unknown: list[str] = []
+def _best_naming(state: dict[str, Tensor], names: dict[str, KeyMap], ours: dict[str, Tensor]) -> _Match:
+    """The naming that places the most of the file's tensors."""
+    matches = []
+    for naming, rename in names.items():
+        match = _Match(naming)
         for key, value in state.items():
             new = rename(key)
             if new is None or new not in ours:
-                unknown.append(key)
+                match.unknown.append(key)
             else:
-                mapped[new] = value
-        if best is None or len(mapped) > len(best[1]):
-            best = (source, mapped, unknown)
-    assert best is not None
-    return best
+                match.tensors[new], match.origin[new] = value, key
+        matches.append(match)
+    return max(matches, key=lambda m: len(m.tensors))  # the first of equals: peerdistill's own names
 
 
-def _fit_shapes(mapped: dict[str, Tensor], ours: dict[str, Tensor], model: str, path: str | Path) -> None:
+def _fit_shapes(match: _Match, ours: dict[str, Tensor], model: str, path: str | Path) -> None:
     """Refuse tensors of another shape, except the classifier (see :func:`_fit_head`) and a first
     convolution trained on RGB when the data has one channel (summed over its input channels)."""
     first_conv = next(k for k, v in ours.items() if v.dim() == 4)
-    for key, value in mapped.items():
+    for key, value in match.tensors.items():
         want = ours[key].shape
         if value.shape == want or key.startswith("classifier."):
             continue
@@ -167,12 +175,12 @@ def _fit_shapes(mapped: dict[str, Tensor], ours: dict[str, Tensor], model: str, 
             if want[1] != 1:
                 raise PeerdistillError(f"{path} was trained on {value.shape[1]}-channel images; this data has "
                                        f"{want[1]} channels (only 1-channel data can reuse RGB filters)")
-            mapped[key] = value.sum(1, keepdim=True)
+            match.tensors[key] = value.sum(1, keepdim=True)
             note_once(f"{path}: the first convolution's {value.shape[1]} input channels are summed for "
                       f"1-channel images")
             continue
-        raise PeerdistillError(f"{path} does not hold {model} weights as configured: {key} has shape "
-                               f"{tuple(value.shape)} in the file and {tuple(want)} in the model "
+        raise PeerdistillError(f"{path} does not hold {model} weights as configured: {match.origin[key]} has "
+                               f"shape {tuple(value.shape)} in the file and {tuple(want)} in the model "
                                f"(another width or variant?)")
 
 
