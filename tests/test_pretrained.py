@@ -74,6 +74,13 @@ def test_mdistiller_checkpoint_loads_unwrapped(tmp_path) -> None:
     _same_logits(build_model("mobilenetv1_imagenet", 10, 3, pretrained=path), theirs, _x())
 
 
+def test_files_without_num_batches_tracked_load(tmp_path) -> None:
+    """Older torchvision files (e.g. resnet18-5c106cde.pth) predate BN's num_batches_tracked buffer."""
+    theirs = ref.randomize_bn(ref.tv_resnet18(10))
+    torch.save({k: v for k, v in theirs.state_dict().items() if "num_batches_tracked" not in k}, tmp_path / "old.pth")
+    _same_logits(build_model("resnet18_imagenet", 10, 3, pretrained=str(tmp_path / "old.pth")), theirs, _x())
+
+
 def test_own_names_work_for_every_model(tmp_path) -> None:
     net = ref.randomize_bn(build_model("resnet8", 10, 3))
     path = _save(net, tmp_path / "resnet8.pt")
