@@ -155,7 +155,7 @@ def check_teacher(spec: str, peer: int, expected_model: str | None) -> None:
     if parts is None:
         return
     name, weights = parts
-    if not Path(weights).is_file():
+    if not Path(weights).expanduser().is_file():
         raise PeerdistillError(f"teacher weights file {weights} does not exist")
     if peer:
         raise PeerdistillError(f"teacher {spec} is a single network; teacher_peer={peer} applies to a run's cohort")

@@ -29,8 +29,8 @@ class KD(Method):
     The teacher is one peer of another run (its directory or a checkpoint file) or a network built from a
     weights file (``MODEL:WEIGHTS``), loaded frozen by the engine (eval mode, no gradient, never in the
     optimizer or this run's checkpoint) and evaluated on exactly the input each student sees, so under a
-    mixer it scores the same mixed images; the CE term
-    uses the mixed labels. The defaults are the Good-DA-in-KD / CRD setting (spec §7):
+    mixer it scores the same mixed images; the CE term uses the mixed labels. The defaults are the
+    Good-DA-in-KD / CRD setting (spec §7):
     ``gamma = 0.1, alpha = 0.9, T = 4``; the CE term is always against the (possibly mixed) true labels.
 
     With ``extra_aug`` (any name of :mod:`peerdistill.data.augmentations` or any mixer, e.g.

@@ -119,6 +119,6 @@ def check_model_args(name: str, args: dict[str, Any]) -> None:
     rest = dict(args)
     path = rest.pop("pretrained", None)
     check_value(path, str | None, f"parameter 'pretrained' of model {name!r}")
-    if path and not Path(path).is_file():
+    if path and not Path(path).expanduser().is_file():
         raise PeerdistillError(f"weights file {path} (model.pretrained) does not exist")
     MODELS.check(name, rest, skip=("num_classes", "in_channels"))

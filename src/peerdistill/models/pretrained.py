@@ -73,7 +73,7 @@ def sequence_position(index: int, starts: tuple[int, ...]) -> str:
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a weights file, keyed by name, on the CPU."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise PeerdistillError(f"weights file {path} does not exist")
     try:
