@@ -162,3 +162,34 @@ def test_branched_cohort_shares_the_trunk(name: str) -> None:
         outs = cohort([_input(3, 32)] * 2, ("*",))
     assert [tuple(o.logits.shape) for o in outs] == [(BATCH, 10)] * 2
     assert list(outs[0].maps) == list(a.stage_names)
+
+
+@pytest.mark.parametrize(("ff", "rf"), [(2, 2), (4, 4)])  # SMG modules / transitions
+def test_hcgnet_gates_follow_the_authors_forward(ff: int, rf: int) -> None:
+    """HCGNet's forget and update gates against the authors' forward (winycg/HCGNet HCGNet_CIFAR.py
+    ``_SMG.forward`` after the two convolutions), written out as they compute it."""
+    from peerdistill.models.hcgnet import Gates
+
+    torch.manual_seed(0)
+    g = Gates(16, ff, rf).eval()
+    for bn in (g.bn_attention, g.bn_forget, g.conv_3x3.norm, g.conv_5x5.norm):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 6, 6)
+    b, c, h, w = x.shape
+    pool = nn.AdaptiveAvgPool2d((1, 1))
+    with torch.no_grad():
+        fw = nn.functional.softmax(torch.flatten(g.global_forget_context(x), start_dim=1), 1).reshape(-1, 1, h, w)
+        sw = pool(x * fw) * h * w
+        sw = torch.tanh(g.bn_forget(torch.flatten(g.fc1(sw), start_dim=1))).reshape(-1, c // ff, 1, 1)
+        sw = torch.sigmoid(g.fc2(sw))
+        x3, x5 = g.conv_3x3(x), g.conv_5x5(x)
+        w3 = nn.functional.softmax(torch.flatten(g.global_context3x3(x3), start_dim=1), 1).reshape(-1, 1, h, w)
+        w5 = nn.functional.softmax(torch.flatten(g.global_context5x5(x5), start_dim=1), 1).reshape(-1, 1, h, w)
+        x3, x5 = pool(x3 * w3) * h * w, pool(x5 * w5) * h * w
+        att = torch.tanh(g.bn_attention(torch.flatten(g.fcall(torch.cat([x3, x5], 1)), start_dim=1)))
+        att = att.reshape(-1, 2 * c // rf, 1, 1)
+        wa = nn.functional.softmax(torch.cat([torch.unsqueeze(torch.flatten(g.fc3x3(att), start_dim=1), 1),
+                                              torch.unsqueeze(torch.flatten(g.fc5x5(att), start_dim=1), 1)], 1), 1)
+        want = x * sw + wa[:, 0, :].reshape(-1, c, 1, 1) * x3 + wa[:, 1, :].reshape(-1, c, 1, 1) * x5
+        torch.testing.assert_close(g(x), want, rtol=1e-5, atol=1e-6)
