@@ -15,6 +15,12 @@ from torch import nn
 from peerdistill.models import MODELS, StagedNet, build_model
 from peerdistill.models.cohort import build_cohort
 
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """Batches of 2 small images: a second OpenMP thread only adds contention on a shared machine."""
+
+
 ALL = list(MODELS)
 NEW = [n for n in ALL if n.endswith("_imagenet") or n.startswith("hcgnet")]
 # (in_channels, image size, num_classes): Fashion-MNIST-like and CIFAR-100-like inputs.
