@@ -62,7 +62,8 @@ class Needs:
         ema_decay: keep an EMA copy of the cohort with this decay (``None``: no EMA copy).
         ema_warmup: ``"none"`` (fixed decay) or ``"meanteacher"`` (decay_t = min(1 - 1/(t+1), decay)).
         ema_train_mode: run the EMA copy in train mode (BN batch statistics), as PCL/DKEL do.
-        teacher: path of a run directory or checkpoint whose peer is loaded frozen as the teacher.
+        teacher: path of a run directory or checkpoint whose peer is loaded frozen as the teacher, or
+            ``MODEL:WEIGHTS``: a registered model initialised from a weights file (e.g. torchvision's).
         teacher_peer: which peer of that checkpoint is the teacher.
         teacher_model: if set, the teacher checkpoint must be this architecture.
     """
