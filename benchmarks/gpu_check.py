@@ -2,8 +2,8 @@
 
 1. ``pytest -m cuda`` (tests/test_cuda.py: every method's step without host synchronisation, every
    method under ``deterministic=true``, exact kill-and-resume, fused vs loop, fp16 / bf16, device metrics);
-2. ``peerdistill bench`` of DML, MCL, L-MCL, PCL, the fused cohort, ``precision=bf16`` and
-   ``precision=fp16``: images/s, host synchronisations per step, GPU peak memory;
+2. ``peerdistill bench`` of DML, MCL, L-MCL, PCL, the fused cohort, ``precision=bf16``, ``precision=fp16``
+   and ``deterministic=true``: images/s, host synchronisations per step, GPU peak memory;
 3. a run killed after its first epoch and resumed, compared tensor by tensor with the uninterrupted run,
    under ``deterministic=true`` (each in a fresh process, the kill a hard ``os._exit``);
 4. with two or more GPUs, one ``torchrun --nproc_per_node=2`` training epoch (NCCL).
@@ -37,6 +37,7 @@ BENCHES = {  # name -> overrides on top of the shape
     "dml-fused": ["method=dml", "fused=true"],
     "dml-bf16": ["method=dml", "precision=bf16"],
     "dml-fp16": ["method=dml", "precision=fp16"],
+    "dml-deterministic": ["method=dml", "deterministic=true"],  # the cost of deterministic=true
 }
 RESUME = ["method=dml", "addon=sd_dropout", "deterministic=true", "model=resnet8", "batch_size=128",
           "data.name=synthetic", "data.size=4096", "data.test_size=512", "data.num_classes=10", "data.image_size=32",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check for a machine with a GPU (see benchmarks/gpu_check.py): the CUDA-marked tests,
-# `peerdistill bench` of DML, MCL, L-MCL, PCL, the fused cohort, bf16 and fp16 (images/s, host syncs per
-# step, GPU peak memory), an exact kill-and-resume under deterministic=true, and a 2-process torchrun epoch
-# when there are two GPUs. About 5 minutes; every stage has a time limit and the whole is capped at 7.5.
+# `peerdistill bench` of DML, MCL, L-MCL, PCL, the fused cohort, bf16, fp16 and deterministic=true
+# (images/s, host syncs per step, GPU peak memory), an exact kill-and-resume under deterministic=true, and
+# a 2-process torchrun epoch when there are two GPUs. About 5 minutes; every stage has a time limit and
+# the whole is capped at 7.5.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options]     # report in OUT_DIR/report.{md,json}
 #
