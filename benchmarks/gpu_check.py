@@ -168,11 +168,13 @@ def markdown(report: dict[str, Any]) -> str:
     t = report.get("cuda_tests")
     if t:
         lines += [f"## CUDA-marked tests: {t.get('tests', '?')} run, {t.get('failures', '?')} failed, "
-                  f"{t.get('errors', '?')} errors, {t.get('skipped', '?')} skipped ({t['seconds']} s, exit {t['exit']})",
+                  f"{t.get('errors', '?')} errors, {t.get('skipped', '?')} skipped "
+                  f"({t['seconds']} s, exit {t['exit']})",
                   *[f"- {f}" for f in t.get("failed", [])], ""]
     if report.get("bench"):
         lines += ["## peerdistill bench (" + " ".join(report["bench_shape"]) + ")", "",
-                  "| config | precision | channels_last | images/s | per peer | step ms | host syncs/step | GPU peak MB |",
+                  "| config | precision | channels_last | images/s | per peer | step ms | host syncs/step "
+                  "| GPU peak MB |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in report["bench"]:
             if "error" in r:

@@ -128,7 +128,8 @@ class Evaluated:
     building a second one, whose copy of the data and networks would double the device memory.
     """
 
-    def __init__(self, path: str | Path, which: str, threads: int | None = None, trainer: Trainer | None = None) -> None:
+    def __init__(self, path: str | Path, which: str, threads: int | None = None,
+                 trainer: Trainer | None = None) -> None:
         self.ckpt_path = resolve_checkpoint(path, which)
         if trainer is None:
             cfg = C.from_dict(load_checkpoint(self.ckpt_path)["config"])

@@ -318,9 +318,11 @@ class Trainer:
                 "precision": self.precision.name, "rng": {"per_rank": self._rng_per_rank()}, "best": self.best}
 
     def _rng_per_rank(self) -> list[dict[str, Any]]:
-        """Every rank's RNG state: the ranks' gathered at the end of the epoch, this rank's read now."""
-        states = list(self.rank_rng) or [{} for _ in range(self.dist.world_size)]
-        states[self.dist.rank] = rng.capture(self.device)
+        """Every rank's RNG state: the ranks' gathered at the end of the epoch, this rank's read now (before
+        any gather, this rank's stands for every rank)."""
+        own = rng.capture(self.device)
+        states = list(self.rank_rng) or [own] * self.dist.world_size
+        states[self.dist.rank] = own
         return states
 
     def save(self, name: str) -> Path | None:

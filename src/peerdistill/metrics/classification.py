@@ -32,8 +32,8 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 
 def reliability_bins(confidence: Tensor, correct: Tensor, bins: int = 15) -> dict[str, list[float]]:
     """Per-bin mean confidence, accuracy and count, for a reliability diagram."""
     conf_sum, acc_sum, count = _bin_sums(confidence, correct, bins)
-    return {"confidence": (conf_sum / count.clamp_min(1)).tolist(), "accuracy": (acc_sum / count.clamp_min(1)).tolist(),
-            "count": count.tolist()}
+    per = count.clamp_min(1)
+    return {"confidence": (conf_sum / per).tolist(), "accuracy": (acc_sum / per).tolist(), "count": count.tolist()}
 
 
 @dataclass
