@@ -80,8 +80,11 @@ def cuda_tests(out: Path, timeout: float) -> dict[str, Any]:
     xml = out / "cuda-tests.xml"
     # Only the CUDA tests' module is collected: other test modules import packages of the test extra
     # (kornia, mlxtend, ...) that a GPU image may lack.
+    # The tests set deterministic=true inside one process, after other tests created cuBLAS handles: the
+    # workspace setting it needs must be there from the start (a CLI run sets it before any GPU work).
+    env = {**_env(), "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
     code, tail, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-                             "tests/test_cuda.py", f"--junitxml={xml}"], timeout)
+                             "tests/test_cuda.py", f"--junitxml={xml}"], timeout, env)
     counts: dict[str, Any] = {"exit": code, "seconds": round(secs, 1)}
     if xml.is_file():
         import xml.etree.ElementTree as ET
