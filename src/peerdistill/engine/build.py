@@ -140,7 +140,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
-    info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
+    info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
                     tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)
     for addon in addons:
