@@ -110,12 +110,16 @@ class Config:
         epochs: passes over the training split.
         batch_size: images per optimizer step (the global batch under torchrun).
         seed: seeds the initialisation, the data order, the augmentation and the validation split.
-        precision: autocast precision; ``auto`` is bf16 where the hardware supports it, else fp32.
-        channels_last: channels_last memory format (default: on).
+        precision: autocast precision; ``auto`` is bf16 on CPUs and GPUs with native bf16, fp16 with a gradient
+            scaler on older GPUs, else fp32.
+        channels_last: channels_last memory format; default (none): on the CPU, and on a GPU under bf16 / fp16.
         threads: CPU intra-op threads; 0 = torch's default (one per core).
         fused: run a homogeneous independent cohort as one vmapped network (faster on GPUs only).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        deterministic: deterministic kernels only (cuDNN without autotuning): a GPU run and its resume repeat
+            bit for bit, at a cost in speed (docs/performance.md). CPU runs are deterministic either way.
         sync_bn: synchronise BatchNorm statistics across processes under torchrun (CUDA only).
+        dist_timeout: seconds a torchrun process waits in a collective (e.g. while rank 0 evaluates).
         data: the dataset and its augmentation (``data.*``).
         optim: the optimizer and learning-rate schedule (``optim.*``).
         eval_every: evaluate on validation and test every k epochs, and always after the last one.
@@ -143,7 +147,9 @@ class Config:
     threads: NonNegativeInt = 0
     fused: bool = False
     device: str = "auto"
+    deterministic: bool = False
     sync_bn: bool = False
+    dist_timeout: PositiveInt = 3600
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: PositiveInt = 1

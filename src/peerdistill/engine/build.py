@@ -17,7 +17,9 @@ from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..models import MODELS
+from ..models.base import check_model_args
 from ..models.cohort import Cohort, build_cohort
+from ..models.pretrained import load_pretrained, split_weights_spec
 from .checkpoint import load_checkpoint
 
 
@@ -97,9 +99,14 @@ def resolve_components(cfg: Config) -> None:
     """Check every component's and the data source's arguments and fill in the defaults of the others, so
     that the config written into a run (and compared on ``--resume``) names every value the run uses."""
     cfg.data.args = source_args(cfg.data)
-    per_model = [MODELS.resolve(name, cfg.model.args, skip=ENGINE_ARGS["model"]) for name in cfg.model_names or [""]]
+    names = cfg.model_names or [""]
+    for name in names:
+        check_model_args(name, cfg.model.args)
+    own = {k: v for k, v in cfg.model.args.items() if k != "pretrained"}  # pretrained: every model's, no default
+    per_model = [MODELS.resolve(name, own, skip=ENGINE_ARGS["model"]) for name in names]
     # a heterogeneous cohort records the arguments given and the defaults its models share
-    cfg.model.args = {k: v for k, v in per_model[0].items() if all(k in p and p[k] == v for p in per_model[1:])}
+    shared = {k: v for k, v in per_model[0].items() if all(k in p and p[k] == v for p in per_model[1:])}
+    cfg.model.args = {**shared, **{k: v for k, v in cfg.model.args.items() if k == "pretrained"}}
     for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
         if comp is not None:
             comp.args = registry.resolve(comp.name, comp.args)
@@ -130,6 +137,8 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)
     needs = method.needs
+    if needs.teacher:
+        check_teacher(needs.teacher, needs.teacher_peer, needs.teacher_model)
     n = cohort_size(cfg, needs)
     cfg.peers = n  # the resolved config (written into the run) names the cohort size
     if n < needs.min_peers:
@@ -163,7 +172,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
-    info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
+    info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
                     tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)
     for addon in addons:
@@ -171,12 +180,33 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     return Built(data, method, cohort, addons, num_classes, in_channels)
 
 
+def check_teacher(spec: str, peer: int, expected_model: str | None) -> None:
+    """Check a teacher given as ``MODEL:WEIGHTS`` (a registered model and a weights file, e.g. torchvision's)
+    before anything is read or written; a run directory or checkpoint is checked when it is loaded."""
+    parts = split_weights_spec(spec)
+    if parts is None:
+        return
+    name, weights = parts
+    if not Path(weights).expanduser().is_file():
+        raise PeerdistillError(f"teacher weights file {weights} does not exist")
+    if peer:
+        raise PeerdistillError(f"teacher {spec} is a single network; teacher_peer={peer} applies to a run's cohort")
+    if expected_model and expected_model != name:
+        raise PeerdistillError(f"teacher {spec} is a {name}, not the expected {expected_model}")
+
+
 def load_teacher(path: str, peer: int, num_classes: int, in_channels: int, expected_model: str | None = None,
                  use_other: Callable[[Path], str] = lambda other: f"method.teacher={other}") -> Cohort:
-    """Load peer ``peer`` of another run's checkpoint as a frozen teacher, checking it fits this data.
-
-    ``use_other`` says how to point at the run's other checkpoint when this one is unreadable.
-    """
+    """Load a frozen teacher, checking it fits this data: peer ``peer`` of another run's checkpoint, or
+    ``MODEL:WEIGHTS``, a registered model initialised from a weights file whose classifier has this
+    data's classes (:mod:`peerdistill.models.pretrained`). ``use_other`` says how to point at the run's
+    other checkpoint when this one is unreadable."""
+    parts = split_weights_spec(path)
+    if parts is not None:
+        check_teacher(path, peer, expected_model)
+        net = MODELS.build(parts[0], num_classes=num_classes, in_channels=in_channels)
+        load_pretrained(net, parts[0], parts[1], head="require")
+        return Cohort([net]).eval().requires_grad_(False)
     ckpt = load_checkpoint(path, prefer="best.pt", use_other=use_other)
     tcfg = from_dict(ckpt["config"], stored=True)
     meta = ckpt.get("data", {})
@@ -188,7 +218,8 @@ def load_teacher(path: str, peer: int, num_classes: int, in_channels: int, expec
         raise PeerdistillError(f"teacher {path} is a {','.join(names)}, not the expected {expected_model}")
     method = METHODS.build(tcfg.method.name, **tcfg.method.args)
     n = cohort_size(tcfg, method.needs)
-    cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, tcfg.model.args,
+    args = {k: v for k, v in tcfg.model.args.items() if k != "pretrained"}  # the checkpoint holds the weights
+    cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, args,
                           method.needs.topology, method.needs.split_after)
     try:
         cohort.load_state_dict(ckpt["cohort"])
