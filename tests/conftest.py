@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,3 +109,20 @@ def killed_and_resumed(cfg: Callable[[], Config], out: Path, monkeypatch, after:
         train(cfg(), out, echo=False)
     monkeypatch.setattr(RunLogger, "epoch", real)
     return train(cfg(), resume=out, echo=False)
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """Run the CLI with ``args``: it must exit with status 2 and one ``error: ...`` line; returns the line."""
+    from peerdistill.cli import main
+
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its hash: what a refused command must leave exactly as it was."""
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}

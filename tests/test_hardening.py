@@ -5,6 +5,7 @@ every registered parameter and config key, and kill -9 tests of the data-loss cl
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
 import json
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from peerdistill import config as C
 from peerdistill.cli import main
+from peerdistill.data import DATASETS
 from peerdistill.data.mix import MIXERS
 from peerdistill.engine import run as run_mod
 from peerdistill.engine.checkpoint import load_checkpoint
@@ -33,17 +35,9 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import ADDONS, METHODS
 from peerdistill.params import Interval
 
-from .conftest import TINY, tiny_cfg
+from .conftest import TINY, one_line_error, tiny_cfg, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, *args: str) -> str:
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def digest(run: Path) -> dict[str, str]:
@@ -275,8 +269,12 @@ def _config_keys(obj=None, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+NOT_SYNTHETIC = [a for a in TINY if not a.startswith("data.")]  # TINY without the synthetic source's parameters
+
+
 def _component_params() -> list[tuple[list[str], str, object]]:
-    """(overrides selecting the component, its parameter key, the parameter's hint) for every registered one."""
+    """(overrides selecting the component, its parameter key, the parameter's hint) for every registered one,
+    the data sources' parameters (``data.<parameter>``) included."""
     out = []
     for reg, key, base in ((METHODS, "method", ["peers=4"]), (MIXERS, "mixer", []), (ADDONS, "addon", [])):
         for name in reg:
@@ -288,20 +286,26 @@ def _component_params() -> list[tuple[list[str], str, object]]:
 
     for name in MODELS:
         for param, hint in MODELS.hints(name).items():
-            if param not in ("num_classes", "in_channels"):
+            if param not in C.ENGINE_ARGS["model"]:
                 out.append(([f"model={name}"], f"model.{param}", hint))
+    for name in DATASETS:
+        for param, hint in DATASETS.hints(name).items():
+            if param not in C.ENGINE_ARGS["data"]:
+                out.append(([*NOT_SYNTHETIC, f"data.name={name}"], f"data.{param}", hint))
     return out
 
 
-CASES = [([], key, hint) for key, hint in _config_keys()] + _component_params()
+CASES = [(TINY, key, hint) for key, hint in _config_keys()] + [(TINY + sel if sel[0] != NOT_SYNTHETIC[0] else sel,
+                                                                  key, hint) for sel, key, hint in _component_params()]
 
 
 def test_fuzz_covers_every_registered_component_and_key():
     keys = {k for _, k, _ in CASES}
-    assert {"batch_size", "optim.lr", "data.val_split", "precision", "mixer.alpha", "method.temperature"} <= keys
-    covered = {sel[-1] for sel, _, _ in CASES if sel}
-    for reg, key in ((METHODS, "method"), (MIXERS, "mixer"), (ADDONS, "addon")):
-        assert {f"{key}={n}" for n in reg if reg.hints(n) and not n.startswith("_")} <= covered
+    assert {"batch_size", "optim.lr", "data.val_split", "precision", "mixer.alpha", "method.temperature",
+            "data.image_size", "data.grayscale", "data.size"} <= keys
+    covered = {sel[-1] for sel, _, _ in CASES}
+    for reg, key in ((METHODS, "method"), (MIXERS, "mixer"), (ADDONS, "addon"), (DATASETS, "data.name")):
+        assert {f"{key}={n}" for n in reg if set(reg.hints(n)) - {"root"} and not n.startswith("_")} <= covered
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -310,11 +314,91 @@ def test_fuzz_invalid_values_are_one_line_and_create_nothing(case, data, capsys,
     select, key, hint = case
     value = data.draw(_invalid(hint), label=key)
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    code = main(["train", "--out", str(out), *TINY, *select, f"{key}={value}"])
+    code = main(["train", "--out", str(out), *select, f"{key}={value}"])
     err = capsys.readouterr().err.strip()
     assert code == 2, f"{key}={value} accepted"
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ fuzz: every option of every command
+def _constrained(hint) -> bool:
+    """Whether a hint refuses some text (a range, choices, a number or a flag), i.e. is not a free string."""
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+    if typing.get_origin(base) in (typing.Union, __import__("types").UnionType, list):
+        return any(_constrained(a) for a in typing.get_args(base) if a is not type(None))
+    return typing.get_origin(hint) is typing.Annotated or typing.get_origin(base) is typing.Literal or \
+        base in (int, float, bool)
+
+
+def _command_options() -> list[tuple[str, str, object]]:
+    """(command, option, what is valid) for every option of every command: an annotated type or choices."""
+    from peerdistill.cli import build_parser
+    from peerdistill.params import Option
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    out = []
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if action.nargs == 0 or isinstance(action, argparse._SubParsersAction):
+                continue
+            flag = max(action.option_strings, key=len) if action.option_strings else None  # None: a positional
+            if flag is None and action.choices:
+                out.append((command, None, typing.Literal[tuple(action.choices)]))
+            elif flag is None:
+                continue
+            elif isinstance(action.type, Option) and _constrained(action.type.hint):
+                out.append((command, flag, action.type.hint))
+            elif action.choices:
+                out.append((command, flag, typing.Literal[tuple(action.choices)]))
+    return out
+
+
+OPTIONS = _command_options()
+
+
+def test_every_numeric_option_of_every_command_declares_its_range():
+    """The cause of `bench --steps 0` crashing: an option typed int or float without a range."""
+    from peerdistill.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    loose = [(c, a.option_strings) for c, p in sub.choices.items() for a in p._actions if a.type in (int, float)]
+    assert loose == []
+    commands = {c for c, _, _ in OPTIONS}
+    assert {"eval", "bench", "tstddev", "correlate", "sweep", "table", "list"} <= commands
+    assert {("eval", "--eps"), ("eval", "--limit"), ("bench", "--steps"), ("tstddev", "--epochs"),
+            ("correlate", "--metric"), ("sweep", "--slots")} <= {(c, f) for c, f, _ in OPTIONS}
+
+
+@pytest.fixture(scope="module")
+def workspace(finished, tmp_path_factory) -> Path:
+    """A folder with what every command needs: a finished run, T. stddev results, a study file."""
+    ws = tmp_path_factory.mktemp("cmds")
+    shutil.copytree(finished, ws / "run")
+    (ws / "ts.json").write_text(json.dumps({"teacher": "run", "results": [{"aug": "flip", "t_stddev": 0.1}]}))
+    study = {"name": "fz", "config": dict(a.split("=", 1) for a in TINY), "grid": {"method": ["dml"]}}
+    (ws / "study.yaml").write_text(yaml.safe_dump(study))
+    return ws
+
+
+POSITIONALS = {"eval": ["run"], "tstddev": ["run"], "correlate": ["ts.json", "run"], "sweep": ["study.yaml"],
+               "table": ["run"], "bench": TINY, "list": [], "train": TINY}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(OPTIONS), data=st.data())
+def test_fuzz_command_options_are_one_line_and_touch_nothing(case, data, capsys, workspace, monkeypatch):
+    command, flag, hint = case
+    value = data.draw(_invalid(hint), label=f"{command} {flag}")
+    monkeypatch.chdir(workspace)  # a command that wrongly wrote runs/ or a result would write it here
+    before = tree_digest(workspace)
+    code = main([command, *POSITIONALS[command], f"{flag}={value}" if flag else value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"{command} {flag}={value} accepted"
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert tree_digest(workspace) == before
 
 
 # ------------------------------------------------------------------ kill -9 at random points

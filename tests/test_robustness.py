@@ -347,13 +347,15 @@ def test_options_from_a_config_mapping():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--adversarial", "--eps", "abc"], "--eps takes numbers"),
-    (["--adversarial", "--eps=-1/255"], "eps must be positive"),
+    (["--adversarial", "--eps", "abc"], "argument --eps: must be a list of float > 0 and <= 1"),
+    (["--adversarial", "--eps=-1/255"], "argument --eps: must be a list of float > 0 and <= 1"),
+    (["--adversarial", "--eps", "8"], "(a fraction of the [0, 1] pixel range: 8/255 is 8 of 255 levels), got '8'"),
     (["--corruptions", "--families", "fogg"], "unknown corruption 'fogg'"),
-    (["--corruptions", "--severities", "0,6"], "--severities must be in 1..5"),
-    (["--adversarial", "--attacks", "fgsmm"], "unknown attack 'fgsmm'"),
-    (["--ood", "--scores", "odn"], "unknown OOD score 'odn'"),
-    (["--adversarial", "--pgd-steps", "0"], "--pgd-steps must be positive"),
+    (["--corruptions", "--severities", "0,6"], "argument --severities: must be a list of int >= 1 and <= 5"),
+    (["--adversarial", "--attacks", "fgsmm"], "argument --attacks: must be a list of one of fgsm, pgd, got 'fgsmm'"),
+    (["--ood", "--scores", "odn"], "argument --scores: must be a list of one of msp, odin, energy"),
+    (["--adversarial", "--pgd-steps", "0"], "argument --pgd-steps: must be int >= 1, got '0'"),
+    (["--robustness", "--limit", "0"], "argument --limit: must be int >= 1, got '0'"),
     (["--adversarial", "--heads", "peer7"], "unknown head 'peer7'"),
     (["--ood", "--ood-data", "holdout"], "holds no classes out"),
     (["--ood", "--ood-data", "imagenet"], "unknown OOD set 'imagenet'"),
@@ -440,7 +442,9 @@ def test_each_part_is_recorded_as_it_finishes(runs, monkeypatch):
 
 
 @pytest.mark.parametrize("mapping, expected", [({"adversarial": True, "limit": "abc"}, "'limit' must be"),
-                                               ({"adversarial": True, "pgd_step_size": 0}, "--pgd-step-size must be")])
+                                               ({"adversarial": True, "pgd_step_size": 0},
+                                                "'pgd_step_size' must be float > 0 and <= 1 or none, got 0"),
+                                               ({"adversarial": True, "eps": [2]}, "'eps' must be a list of float > 0")])
 def test_bad_config_robustness_values_are_one_line(mapping, expected):
     with pytest.raises(PeerdistillError, match=expected):
         R.options_from_mapping(mapping).check()

@@ -71,7 +71,10 @@ def test_named_rows_combine_with_the_grid(tmp_path):
     cfgs = {r.name: r.config for r in study.runs}
     assert cfgs["method-dml_mixer-cutmix_t4_model-resnet8_s0"].mixer.name == "cutmix"
     # `method=one` is applied before `method.temperature=4`: the name resets the arguments, never after
-    assert cfgs["one_t4_model-resnet8_s0"].method.args == {"temperature": 4}
+    # (the resolved config holds one's other arguments at their defaults)
+    from peerdistill.methods import METHODS
+
+    assert cfgs["one_t4_model-resnet8_s0"].method.args == {**METHODS.resolve("one", {}), "temperature": 4.0}
     assert cfgs["one_plain_model-resnet8_s0"].peers == 3
 
 

@@ -6,10 +6,20 @@ import argparse
 import inspect
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import config as C
 from .commands import add_all
 from .errors import PeerdistillError
+from .params import NonNegativeInt, Option, PositiveInt
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line naming the command, like every other bad input:
+    ``error: peerdistill bench: argument --steps: must be int >= 1, got '0' (see peerdistill bench --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise PeerdistillError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -21,7 +31,7 @@ def _train(args: argparse.Namespace) -> None:
         stored = Path(args.resume) / "config.yaml"
         if not stored.is_file():
             raise PeerdistillError(f"{args.resume} is not a run directory (no config.yaml)")
-        cfg = C.load(stored, args.overrides)
+        cfg = C.load(stored, args.overrides, stored=True)
     else:
         cfg = C.load(args.config, args.overrides)
     summary = train(cfg, args.out, args.resume)
@@ -38,16 +48,26 @@ def _fmt_params(params: dict[str, object]) -> str:
 
 
 def _list(args: argparse.Namespace) -> None:
+    from .config_keys import config_markdown, config_text
     from .data import DATASETS
     from .data.mix import MIXERS
     from .data.augmentations import AUGMENTATIONS
     from .methods import ADDONS, METHODS
     from .models import MODELS
 
-    for title, reg, skip in (("methods", METHODS, ()), ("add-ons", ADDONS, ()),
-                             ("models", MODELS, ("num_classes", "in_channels")),
-                             ("datasets", DATASETS, ()), ("mixers", MIXERS, ()),
-                             ("augmentations (kd method.extra_aug, tstddev)", AUGMENTATIONS, ())):
+    if args.what == "config":
+        print(config_markdown() if args.markdown else config_text(), end="" if args.markdown else "\n")
+        return
+    if args.markdown:
+        raise PeerdistillError("--markdown is for `peerdistill list config`")
+    sections = {"methods": ("methods", METHODS, ()), "add-ons": ("add-ons", ADDONS, ()),
+                "models": ("models", MODELS, ("num_classes", "in_channels")),
+                "datasets": ("datasets (data.name; their parameters are data.<parameter>)", DATASETS, ("root",)),
+                "mixers": ("mixers", MIXERS, ()),
+                "augmentations": ("augmentations (kd method.extra_aug, tstddev)", AUGMENTATIONS, ())}
+    for key, (title, reg, skip) in sections.items():
+        if args.what not in (None, key):
+            continue
         print(f"{title}:")
         for name in reg:
             params = {k: v for k, v in reg.params(name).items() if k not in skip}
@@ -56,6 +76,8 @@ def _list(args: argparse.Namespace) -> None:
             if params:
                 print(f"  {'':<16}   {_fmt_params(params)}")
         print()
+    if args.what is None:
+        print("the general config keys (optim.*, data.*, epochs, ...): peerdistill list config")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -72,51 +94,58 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peerdistill", description="Knowledge distillation without (and with) a teacher.")
+    """The command line; a sub-command's ``trailing`` default names the list positional that also takes the
+    words typed after its options (``tstddev TEACHER --epochs 1 cutmix``)."""
+    p = Parser(prog="peerdistill", description="Knowledge distillation without (and with) a teacher.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a run (default: 2-peer DML on Fashion-MNIST)")
     t.add_argument("-c", "--config", help="YAML preset")
     t.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. method=dml method.temperature=2 epochs=3")
-    t.set_defaults(fn=_train)
-    ls = sub.add_parser("list", help="models, methods, datasets and mixers with their hyper-parameters")
+    t.set_defaults(fn=_train, trailing="overrides")
+    ls = sub.add_parser("list", help="methods, models, datasets, mixers with their parameters; the config keys")
+    ls.add_argument("what", nargs="?", choices=("methods", "add-ons", "models", "datasets", "mixers", "augmentations",
+                                                "config"), help="one section (default: every registry)")
+    ls.add_argument("--markdown", action="store_true", help="config keys as the Markdown of docs/config.md")
     ls.set_defaults(fn=_list)
     b = sub.add_parser("bench", help="time training steps of any config")
     b.add_argument("-c", "--config")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--steps", type=Option(PositiveInt), default=20, help="timed steps (default 20)")
+    b.add_argument("--warmup", type=Option(NonNegativeInt), default=5, help="untimed steps first (default 5)")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b.add_argument("--epoch-size", type=int, default=None, metavar="N",
+    b.add_argument("--epoch-size", type=Option(PositiveInt), default=None, metavar="N",
                    help="training images per epoch for the projected run time (default: this data's training "
                         "split; e.g. 50000 for CIFAR when benchmarking on synthetic data)")
     b.add_argument("overrides", nargs="*", metavar="key=value")
-    b.set_defaults(fn=_bench)
+    b.set_defaults(fn=_bench, trailing="overrides")
     tb = sub.add_parser("table", help="mean ± std table of finished runs, grouped by config minus seed")
     tb.add_argument("runs", nargs="+", help="run directories")
     tb.add_argument("--which", choices=("final", "best"), default="final",
                     help="last epoch, or the epoch of best validation top-1 per head")
-    tb.set_defaults(fn=_table)
+    tb.set_defaults(fn=_table, trailing="runs")
     add_all(sub)
     return p
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line; ``key=value`` overrides may come before or after the options
-    (``train --out DIR threads=1`` and ``train threads=1 --out DIR`` mean the same)."""
+    """Parse the command line; a command's list positional (``key=value`` overrides, tstddev's augmentations,
+    run folders) may come before or after the options (``train --out DIR threads=1`` and
+    ``train threads=1 --out DIR`` mean the same). A mistake raises a one-line :class:`PeerdistillError`."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    trailing = getattr(args, "trailing", None)
+    stray = [a for a in rest if a.startswith("-") or trailing is None]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        Parser(prog=f"{parser.prog} {args.command}").error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
-        args.overrides = [*args.overrides, *rest]
+        setattr(args, trailing, [*(getattr(args, trailing) or []), *rest])
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
     try:
+        args = parse(argv)
         code = args.fn(args)  # a command may return its exit status (sweep: 1 if a run did not finish)
     except PeerdistillError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,35 +29,55 @@ class Component:
 
 @dataclass
 class DataConfig:
-    """Dataset and augmentation.
+    """Dataset, validation split and augmentation.
 
-    ``size``/``test_size``/``num_classes``/``image_size``/``channels`` configure the ``synthetic`` source;
-    ``padding``/``flip`` default to the dataset's standard augmentation.
+    Attributes:
+        name: the dataset source (``peerdistill list datasets``).
+        root: the folder the source reads (default: the source's standard places and ``$PEERDISTILL_DATA``).
+        val_split: share of the labelled pool held out for validation (stratified, seeded); 0 = none.
+        padding: random-crop padding in pixels (default: the dataset's standard one).
+        flip: random horizontal flips (default: the dataset's standard augmentation).
+        cutout: side in pixels of a Cutout square cut from every training image; 0 = none.
+        train_subset: N > 0 draws exactly N images of the dataset's training set as the labelled pool, before
+            the validation split (which then takes ``round(val_split x N)`` of them); every class gets its share
+            of N in proportion to its size (largest remainders, ties to the lower class). 0 = the whole set.
+        holdout_classes: classes removed from training and test; their test images become an OOD set.
+        eval_batch_size: images per forward pass when evaluating.
+        args: the source's own parameters (e.g. ``image_size`` of ``imagefolder``), written ``data.<parameter>``
+            and checked against the source's signature when the run is built (``peerdistill list datasets``).
     """
 
     name: str = "fashion-mnist"
     root: str | None = None
     val_split: Fraction = 0.1
-    size: PositiveInt = 512
-    test_size: PositiveInt = 256
-    num_classes: Annotated[int, Interval(ge=2)] = 10
-    image_size: Annotated[int, Interval(ge=8)] = 32
-    channels: PositiveInt = 3
     padding: NonNegativeInt | None = None
     flip: bool | None = None
     cutout: NonNegativeInt = 0
-    train_subset: NonNegativeInt = 0  # keep only this many (stratified) training samples; 0 = all
-    holdout_classes: list[NonNegativeInt] = field(default_factory=list)  # classes removed from training (OOD)
+    train_subset: NonNegativeInt = 0
+    holdout_classes: list[NonNegativeInt] = field(default_factory=list)
     eval_batch_size: PositiveInt = 1000
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (set per step).
+    """Optimizer and learning-rate schedule (the rate is set every step).
 
-    ``name=sgd`` (momentum, Nesterov) is what every distillation paper here uses; ``adamw`` uses
-    ``betas`` and decoupled ``weight_decay``. ``grad_clip`` > 0 clips the global gradient norm of every
-    trained parameter; ``accum_steps`` > 1 accumulates gradients over that many batches per step.
+    Attributes:
+        name: ``sgd`` (momentum, Nesterov: what every distillation paper here uses) or ``adamw``.
+        lr: peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (SGD with momentum > 0).
+        betas: AdamW's two betas.
+        weight_decay: L2 penalty (SGD) or decoupled weight decay (AdamW).
+        no_decay_bn_bias: exempt BN weights and biases (every parameter with one dimension) from weight decay.
+        schedule: ``cosine`` to 0 over the epochs after warm-up, ``multistep`` (x ``gamma`` at each of the
+            ``milestones``) or ``constant``.
+        milestones: epochs at which ``multistep`` multiplies the rate by ``gamma``.
+        gamma: factor of ``multistep`` at each milestone.
+        warmup_epochs: linear warm-up from ~0 to ``lr`` over this many epochs (fractions allowed); 0 = none.
+        grad_clip: clip the global gradient norm of every trained parameter to this; 0 = no clipping.
+        accum_steps: accumulate gradients over this many batches per optimizer step.
     """
 
     name: Literal["sgd", "adamw"] = "sgd"
@@ -68,7 +88,7 @@ class OptimConfig:
     weight_decay: NonNegative = 5e-4
     no_decay_bn_bias: bool = False
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: list[NonNegative] = field(default_factory=list)  # epochs, for multistep
+    milestones: list[NonNegative] = field(default_factory=list)
     gamma: Positive = 0.1
     warmup_epochs: NonNegative = 0.0
     grad_clip: NonNegative = 0.0
@@ -77,34 +97,65 @@ class OptimConfig:
 
 @dataclass
 class Config:
-    """Everything that defines a run."""
+    """Everything that defines a run.
+
+    Attributes:
+        method: the distillation method and its parameters (``peerdistill list methods``).
+        model: the network of every peer, or a comma-separated list for a heterogeneous cohort
+            (``peerdistill list models``).
+        peers: the cohort size (default: the method's own, e.g. 2 for DML, 1 for self-distillation and KD).
+        mixer: a mixed-sample augmentation applied to every training batch (``peerdistill list mixers``); none by
+            default.
+        addon: a loss term added to any method (e.g. ``sd_dropout``); none by default.
+        epochs: passes over the training split.
+        batch_size: images per optimizer step (the global batch under torchrun).
+        seed: seeds the initialisation, the data order, the augmentation and the validation split.
+        precision: autocast precision; ``auto`` is bf16 on CPUs and GPUs with native bf16, fp16 with a gradient
+            scaler on older GPUs, else fp32.
+        channels_last: channels_last memory format; default (none): on the CPU, and on a GPU under bf16 / fp16.
+        threads: CPU intra-op threads; 0 = torch's default (one per core).
+        fused: run a homogeneous independent cohort as one vmapped network (faster on GPUs only).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        deterministic: deterministic kernels only (cuDNN without autotuning): a GPU run and its resume repeat
+            bit for bit, at a cost in speed (docs/performance.md). CPU runs are deterministic either way.
+        sync_bn: synchronise BatchNorm statistics across processes under torchrun (CUDA only).
+        dist_timeout: seconds a torchrun process waits in a collective (e.g. while rank 0 evaluates).
+        data: the dataset and its augmentation (``data.*``).
+        optim: the optimizer and learning-rate schedule (``optim.*``).
+        eval_every: evaluate on validation and test every k epochs, and always after the last one.
+        robustness: a robustness evaluation run after training, e.g. ``{adversarial: true, limit: 500}``; its keys
+            are the options of ``peerdistill eval --robustness`` (``limit`` sets all three limits). None: not run.
+        log_every: steps between per-step loss records (``steps.jsonl``, which also gets every epoch's last
+            step) and progress-bar updates.
+        progress_every: seconds between progress lines when stderr is not a terminal.
+        tensorboard: write TensorBoard events to ``<run>/tb`` (the ``tensorboard`` extra).
+        wandb: log to Weights & Biases (the ``wandb`` extra).
+        progress: show progress while training.
+        name: the run's name in the default output folder ``runs/<name>-<time>``.
+    """
 
     method: Component = field(default_factory=lambda: Component("dml"))
     model: Component = field(default_factory=lambda: Component("resnet14"))
-    peers: PositiveInt | None = None  # None: the method's default (2 for most cohorts, 1 for self-KD, 3 for PCL)
+    peers: PositiveInt | None = None
     mixer: Component | None = None
-    addon: Component | None = None  # a loss term added to any method (e.g. sd_dropout)
+    addon: Component | None = None
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 128
     seed: NonNegativeInt = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool | None = None  # None = auto (on)
-    threads: NonNegativeInt = 0  # CPU intra-op threads; 0 = torch's default (one per core)
-    fused: bool = False  # run a homogeneous independent cohort as one vmapped network (Cohort._fused_forward)
+    channels_last: bool | None = None
+    threads: NonNegativeInt = 0
+    fused: bool = False
     device: str = "auto"
-    # Deterministic kernels only (cuDNN without autotuning): a GPU run and its resume repeat bit for bit,
-    # at a cost in speed (docs/performance.md). CPU runs are deterministic either way.
     deterministic: bool = False
     sync_bn: bool = False
-    dist_timeout: PositiveInt = 3600  # seconds a torchrun process waits in a collective (rank 0's evaluation)
+    dist_timeout: PositiveInt = 3600
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: PositiveInt = 1  # evaluate every k epochs (and always after the last)
-    # Robustness evaluation after training (peerdistill eval --robustness), e.g. {adversarial: true, ood: true,
-    # limit: 500}; the keys are those of peerdistill.engine.robust.RobustOptions. None: not run.
+    eval_every: PositiveInt = 1
     robustness: dict[str, Any] | None = None
-    log_every: PositiveInt = 20  # steps between per-step loss records (steps.jsonl) and progress updates
-    progress_every: Positive = 30.0  # seconds between progress lines when stderr is not a terminal
+    log_every: PositiveInt = 20
+    progress_every: Positive = 30.0
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
@@ -116,23 +167,49 @@ class Config:
         return [m.strip() for m in self.model.name.split(",") if m.strip()]
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as written to ``config.yaml``: a component's (and the data source's) arguments sit
+        beside its name."""
         d = asdict(self)
         for key in COMPONENTS:
             comp = d[key]
             d[key] = None if comp is None else {"name": comp["name"], **comp["args"]}
+        d["data"].update(d["data"].pop("args"))
         return d
 
 
 COMPONENTS = ("method", "model", "mixer", "addon")
 OPTIONAL = ("mixer", "addon")  # components that may be none
+# Constructor parameters the engine supplies (from the data, or the general data.root), never set as arguments.
+ENGINE_ARGS = {"model": ("num_classes", "in_channels"), "data": ("root",)}
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a validated :class:`Config` from a nested dict (as read from YAML)."""
+def from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
+    """Build a validated :class:`Config` from a nested dict (as read from YAML).
+
+    Args:
+        raw: the mapping.
+        stored: ``raw`` is a run's own config (its ``config.yaml`` or checkpoint), perhaps written by an
+            older version: see :func:`upgrade`.
+    """
     cfg = Config()
-    for key, value in raw.items():
+    for key, value in (upgrade(raw) if stored else raw).items():
         set_key(cfg, key, value)
     return cfg
+
+
+# Before data sources had parameters of their own, every run's config.yaml held these keys of the synthetic
+# source (with its defaults) whatever the dataset, and no other source ever received them.
+LEGACY_DATA_KEYS = ("size", "test_size", "num_classes", "image_size", "channels")
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config as this version writes it: the legacy synthetic keys of another dataset's run
+    dropped (they never reached its source, so the run was trained without them)."""
+    data = raw.get("data")
+    if (not isinstance(data, dict) or data.get("name", DataConfig.name) == "synthetic"
+            or not all(k in data for k in LEGACY_DATA_KEYS)):
+        return raw
+    return {**raw, "data": {k: v for k, v in data.items() if k not in LEGACY_DATA_KEYS}}
 
 
 def read_mapping(path: Path, what: str) -> dict[str, Any]:
@@ -148,10 +225,10 @@ def read_mapping(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read an optional YAML preset and apply ``key=value`` overrides."""
+def load(path: str | Path | None, overrides: list[str] = (), stored: bool = False) -> Config:
+    """Read an optional YAML preset (``stored``: a run's own config.yaml) and apply ``key=value`` overrides."""
     raw = read_mapping(Path(path), "config") if path is not None else {}
-    cfg = from_dict(raw)
+    cfg = from_dict(raw, stored)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -207,8 +284,11 @@ def _set_component(cfg: Config, head: str, rest: str, value: Any) -> None:
 
 
 def _set_field(obj: Any, path: list[str], value: Any, dotted: str) -> None:
-    names = {f.name for f in fields(obj)}
+    names = {f.name for f in fields(obj)} - {"args"}
     key = path[0]
+    if key not in names and isinstance(obj, DataConfig) and len(path) == 1:
+        obj.args[key] = value  # a parameter of the source: checked against its signature when the run is built
+        return
     if key not in names:
         prefix = dotted[: len(dotted) - len(".".join(path))]
         valid = [prefix + n for n in names]

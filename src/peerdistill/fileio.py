@@ -11,10 +11,19 @@ from .errors import PeerdistillError
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    """Write via a temp file in the same folder, fsync, then rename: a crash never leaves half a file.
+
+    The file gets the mode any new file gets (``0o666`` less the umask) or keeps the one it had: the temp
+    file's private ``0o600`` must not survive the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -23,6 +32,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask: from ``/proc`` on Linux, else by setting it and putting it back (which another
+    thread creating a file in between would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def default_data_roots() -> list[Path]:

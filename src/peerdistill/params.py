@@ -12,12 +12,17 @@ annotations to generate invalid values.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction as _Fraction
 from typing import Annotated, Any, Literal
+
+import yaml
 
 from .errors import PeerdistillError
 
@@ -50,7 +55,7 @@ NonNegativeInt = Annotated[int, Interval(ge=0)]
 Decay = Annotated[float, Interval(ge=0, lt=1)]  # EMA decays, momenta
 
 __all__ = ["Interval", "Positive", "NonNegative", "Probability", "Fraction", "PositiveInt", "NonNegativeInt",
-           "Decay", "Literal", "check_value", "describe_type"]
+           "Decay", "Literal", "check_value", "describe_type", "Option", "parse_value", "parse_fraction", "parse_list"]
 
 
 def _split(hint: Any) -> tuple[Any, list[Any]]:
@@ -151,3 +156,51 @@ def _check_plain(value: Any, base: Any) -> Any:
     if isinstance(base, type) and not isinstance(value, base):
         raise _Invalid
     return value
+
+
+# ------------------------------------------------------------------------------ command-line options
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML reads it (``3`` is an int, ``0.5`` a float, ``[1, 2]`` a list)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def parse_fraction(text: str) -> Any:
+    """A number or a fraction (``8/255``) as a float; anything else is returned as typed."""
+    try:
+        return float(_Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        return parse_value(text)
+
+
+def parse_list(item: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """Comma-separated items, each read by ``item`` (e.g. ``1/255,2/255`` with :func:`parse_fraction`)."""
+    def parse(text: str) -> list[Any]:
+        return [item(t.strip()) for t in text.split(",") if t.strip()]
+    return parse
+
+
+class Option:
+    """An ``argparse`` ``type`` that reads a command-line option and checks it against an annotation.
+
+    Every numeric or listed option of every command declares its range the way parameters do, so a bad
+    value is one line naming the option (``argument --steps: must be int >= 1, got '0'``) and the fuzz test
+    reads the same annotation to generate invalid values.
+
+    Args:
+        hint: the annotation, e.g. ``PositiveInt`` or ``list[Annotated[float, Interval(gt=0, le=1)]]``.
+        parse: turns the typed text into a value (default: as YAML reads it).
+        note: appended to the message, e.g. how to write the value correctly.
+    """
+
+    def __init__(self, hint: Any, parse: Callable[[str], Any] = parse_value, note: str = "") -> None:
+        self.hint, self.parse, self.note = hint, parse, note
+        self.__name__ = describe_type(hint)  # argparse names a type by it
+
+    def __call__(self, text: str) -> Any:
+        try:
+            return _check(self.parse(text), self.hint)
+        except _Invalid:
+            raise argparse.ArgumentTypeError(f"must be {describe_type(self.hint)}{self.note}, got {text!r}") from None

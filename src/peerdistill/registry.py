@@ -56,6 +56,14 @@ class Registry(Generic[T]):
                 raise PeerdistillError(f"parameter {key!r} of {self.kind} {name!r} is set by the engine, not the config")
         return check_kwargs(ctor, kwargs, f"{self.kind} {name!r}")
 
+    def resolve(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``kwargs`` validated as by :meth:`check`, plus the default of every parameter not given, in signature
+        order: the arguments a run records, so that its config names every value it was built with."""
+        checked = self.check(name, kwargs, skip)
+        params = {k: v for k, v in self.params(name).items() if k not in skip}
+        return {k: checked[k] if k in checked else plain(v) for k, v in params.items()
+                if k in checked or v is not inspect.Parameter.empty}
+
     def hints(self, name: str) -> dict[str, Any]:
         """Annotated types (with constraints) of ``name``'s parameters."""
         return param_hints(self.get(name))
@@ -69,6 +77,13 @@ class Registry(Generic[T]):
     def params(self, name: str) -> dict[str, Any]:
         """Hyper-parameters of ``name`` and their defaults (``inspect.Parameter.empty`` if required)."""
         return {p.name: p.default for p in _user_params(self.get(name))}
+
+
+def plain(value: Any) -> Any:
+    """A default as YAML writes it (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _user_params(ctor: Callable[..., Any]) -> list[inspect.Parameter]:

@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("tstddev", help="the JSON written by `peerdistill tstddev --out`")
     p.add_argument("runs", nargs="+", help="KD student run directories (method.extra_aug names the augmentation)")
     p.add_argument("--head", default="peer0", help="evaluated head of the students (default peer0)")
-    p.add_argument("--metric", default="nll", help="final test metric to correlate (default nll, the test loss)")
+    p.add_argument("--metric", default="nll", choices=("nll", "top1", "top5", "ece"),
+                   help="final test metric to correlate (default nll, the test loss)")
     p.add_argument("--out", help="folder for correlation.json and correlation.png (default: beside the JSON)")
-    p.set_defaults(fn=run)
+    p.set_defaults(fn=run, trailing="runs")

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import PeerdistillError
+from ..params import Option, Positive, PositiveInt
 
 
 def _local_gpus(spec: str, study: Any) -> list[str]:
@@ -38,16 +39,6 @@ def _plan(args: argparse.Namespace, study: Any, launcher: str, todo: int) -> Any
         return Plan(1, threads or max(int(cpus) // nproc, 1) if cpus else threads or 1, nproc)
     return plan_slots(todo, usable_cores(), args.slots or launch.get("slots"), threads, nproc,
                       _local_gpus(args.local_gpus, study), args.runs_per_gpu)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _slurm(args: argparse.Namespace, study: Any) -> dict[str, Any]:
@@ -105,21 +96,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--report-only", action="store_true", help="regenerate study.md, plots and study.json only")
     s.add_argument("--launcher", choices=("local", "torchrun", "submitit"),
                    help="local slots (default), local slots with torchrun per run, or Slurm via submitit")
-    s.add_argument("--slots", type=_positive, help="runs at once (local; default: cores / threads, capped by the runs)")
-    s.add_argument("--threads", type=_positive, help="threads per training process (default: 1 while runs fill the cores)")
-    s.add_argument("--nproc-per-node", type=_positive, help="processes per run under torchrun (default 2 with "
+    count = Option(PositiveInt)
+    s.add_argument("--slots", type=count, help="runs at once (local; default: cores / threads, capped by the runs)")
+    s.add_argument("--threads", type=count, help="threads per training process (default: 1 while runs fill the cores)")
+    s.add_argument("--nproc-per-node", type=count, help="processes per run under torchrun (default 2 with "
                                                       "--launcher torchrun)")
     s.add_argument("--local-gpus", default="auto", help="GPUs for local slots: auto, none or a list like 0,1")
-    s.add_argument("--runs-per-gpu", type=_positive, default=1, help="local runs sharing one GPU (small models)")
-    s.add_argument("--status-every", type=float, default=60.0, metavar="S", help="seconds between status lines")
+    s.add_argument("--runs-per-gpu", type=count, default=1, help="local runs sharing one GPU (small models)")
+    s.add_argument("--status-every", type=Option(Positive), default=60.0, metavar="S",
+                   help="seconds between status lines")
     s.add_argument("--python", help="interpreter for the runs (default: this one)")
     s.add_argument("--no-plots", action="store_true", help="write the table but not plots/*.png")
     g = s.add_argument_group("Slurm (--launcher submitit; default from the study's slurm: section)")
     g.add_argument("--partition")
     g.add_argument("--time", help="per run: minutes or [D-]HH:MM:SS")
-    g.add_argument("--gpus", type=_positive, help="GPUs per run")
-    g.add_argument("--cpus", type=_positive, help="CPUs per run")
-    g.add_argument("--mem-gb", type=float)
-    g.add_argument("--array-parallelism", type=_positive, help="runs of the job array at once")
+    g.add_argument("--gpus", type=count, help="GPUs per run")
+    g.add_argument("--cpus", type=count, help="CPUs per run")
+    g.add_argument("--mem-gb", type=Option(Positive))
+    g.add_argument("--array-parallelism", type=count, help="runs of the job array at once")
     g.add_argument("--cluster", choices=("slurm", "local"), help="local: submitit's local executor (testing)")
     s.set_defaults(fn=run)

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
+
+from ..params import Option
+
+
+def _opt(name: str) -> Option:
+    """The argparse type of a :class:`~peerdistill.metrics.tstddev.TStdDevOptions` field: its annotation."""
+    from ..metrics.tstddev import TStdDevOptions
+
+    return Option(typing.get_type_hints(TStdDevOptions, include_extras=True)[name])
 
 
 def run(args: argparse.Namespace) -> None:
     from ..metrics.tstddev import TStdDevOptions, format_ranking, run_tstddev
     from ..report.logger import write_json
+    from ..report.text import plural
 
     opts = TStdDevOptions(epochs=args.epochs, batch_size=args.batch_size, group_iters=args.group_iters,
                           temperature=args.temperature, seed=args.seed, precision=args.precision,
@@ -20,8 +31,8 @@ def run(args: argparse.Namespace) -> None:
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     groups = result["results"][0]["groups"] if result["results"] else 0
-    print(f"T. stddev of {result['teacher']} ({result['dataset']}, {result['epochs']} epochs, {groups} groups "
-          f"of {result['group_iters']} x {result['batch_size']}, {result['precision']}, "
+    print(f"T. stddev of {result['teacher']} ({result['dataset']}, {plural(result['epochs'], 'epoch')}, "
+          f"{plural(groups, 'group')} of {result['group_iters']} x {result['batch_size']}, {result['precision']}, "
           f"{result['seconds']:.1f}s); lower is better")
     print(format_ranking(result))
     if args.out:
@@ -40,20 +51,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("augs", nargs="*", metavar="AUG",
                    help="augmentations: name or name:key=value,... (e.g. cutmixpick:criterion=student_entropy), "
                         f"'none' for the original batch alone; default: the paper's list ({', '.join(PAPER_AUGS)})")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")
-    p.add_argument("--batch-size", type=int, default=64, help="original images per iteration (default 64)")
-    p.add_argument("--group-iters", type=int, default=5, help="iterations per group mean (default 5)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_opt("epochs"), default=10, help="passes over the training split (default 10)")
+    p.add_argument("--batch-size", type=_opt("batch_size"), default=64, help="original images per iteration "
+                   "(default 64)")
+    p.add_argument("--group-iters", type=_opt("group_iters"), default=5, help="iterations per group mean (default 5)")
+    p.add_argument("--temperature", type=_opt("temperature"), default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--seed", type=_opt("seed"), default=0)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                    help="autocast precision (default: the teacher run's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    p.add_argument("--teacher-peer", type=int, default=0)
+    p.add_argument("--threads", type=_opt("threads"), default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--teacher-peer", type=_opt("teacher_peer"), default=0)
     p.add_argument("--student", help="student run for student-scored pickers (cutmixpick:criterion=student_entropy)")
-    p.add_argument("--student-peer", type=int, default=0)
+    p.add_argument("--student-peer", type=_opt("student_peer"), default=0)
     p.add_argument("--set", action="append", metavar="data.KEY=VALUE",
                    help="change the teacher run's data config (e.g. --set data.root=DIR); repeatable")
     p.add_argument("--out", help="write the results as JSON here (the input of `peerdistill correlate`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(fn=run)
+    p.set_defaults(fn=run, trailing="augs")

@@ -11,10 +11,12 @@ Every image is resized to ``image_size`` x ``image_size`` and decoded once into 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 from ..errors import PeerdistillError
+from ..params import Interval
 from .base import DATASETS, DatasetSplits, ImageSet, channel_stats
 from .cache import IMAGE_EXTENSIONS, cached_arrays, decode_images, fingerprint, list_images
 
@@ -38,7 +40,8 @@ def _split(split_dir: Path, classes: list[str], require_all: bool) -> tuple[list
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(root: str | None = None, image_size: int = 32, grayscale: bool = False) -> DatasetSplits:
+def imagefolder(root: str | None = None, image_size: Annotated[int, Interval(ge=8)] = 32,
+                grayscale: bool = False) -> DatasetSplits:
     """A class-per-folder dataset with ``train/`` and ``test/`` (or ``val/``) subfolders.
 
     Args:
@@ -53,8 +56,6 @@ def imagefolder(root: str | None = None, image_size: int = 32, grayscale: bool =
     if not root:
         raise PeerdistillError("dataset 'imagefolder' needs data.root: a folder holding train/<class>/ "
                                "and test/<class>/ (or val/<class>/) image folders")
-    if image_size < 1:
-        raise PeerdistillError(f"dataset 'imagefolder': image_size must be positive, got {image_size}")
     d = Path(root).expanduser()
     train_dir = d / "train"
     test_dir = next((d / s for s in ("test", "val") if (d / s).is_dir()), None)

@@ -6,6 +6,7 @@ ops on the whole batch (DESIGN §4). Every random draw comes from a generator se
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,20 +87,56 @@ class DeviceLoader:
             yield Batch(self.data.images[idx], self.data.labels[idx], idx)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, val) with ``fraction`` of every class in val, seeded."""
-    if not 0.0 <= fraction < 1.0:
-        raise PeerdistillError(f"data.val_split must be in [0, 1), got {fraction}")
+def class_shares(counts: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split over classes in proportion to their ``counts``, summing to exactly ``total``: each
+    class gets the floor of its share, and the remainder goes one by one to the largest fractional parts
+    (ties to the lower class). Integer arithmetic, so equal classes always tie."""
+    counts = np.asarray(counts, np.int64)
+    share, rest = np.divmod(counts * total, counts.sum())
+    order = np.lexsort((np.arange(len(counts)), -rest))  # largest remainder first, then the lower class
+    share[order[:total - int(share.sum())]] += 1
+    return share
+
+
+def _draw(labels: np.ndarray, per_class: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (in label order), a seeded shuffle of its indices: the first ``per_class[c]`` are drawn.
+    Returns the drawn indices and the others, each sorted."""
     rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
+    drawn = []
+    for c, k in zip(np.unique(labels), per_class):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        val.append(idx[:int(round(len(idx) * fraction))])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+        drawn.append(idx[:k])
+    picked = np.sort(np.concatenate(drawn)) if drawn else np.zeros(0, np.int64)
     mask = np.ones(len(labels), bool)
-    mask[val_idx] = False
-    return np.flatnonzero(mask), val_idx
+    mask[picked] = False
+    return picked, np.flatnonzero(mask)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (train, val), seeded: val holds ``round(fraction x N)`` samples (halves round up),
+    each class its proportional share (:func:`class_shares`)."""
+    if not 0.0 <= fraction < 1.0:
+        raise PeerdistillError(f"data.val_split must be in [0, 1), got {fraction}")
+    counts = np.unique(labels, return_counts=True)[1]
+    val, train = _draw(labels, class_shares(counts, math.floor(fraction * len(labels) + 0.5)), seed)
+    return train, val
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int, classes: list[str], what: str) -> np.ndarray:
+    """Exactly ``n`` indices, seeded, each class its proportional share (:func:`class_shares`); a number that
+    cannot be honoured (more than there are, or a class left without an image) is a one-line error."""
+    present, counts = np.unique(labels, return_counts=True)
+    if n > len(labels):
+        raise PeerdistillError(f"{what} asks for more images than the {len(labels)} of the training set")
+    shares = class_shares(counts, n)
+    if (shares == 0).any():
+        name = classes[int(present[np.argmax(shares == 0)])]
+        raise PeerdistillError(f"{what} gives class {name!r} no image (each class gets its share of the {n}, in "
+                               f"proportion to its size); use a larger subset")
+    # The kept images are the last ones of each class's shuffle, as they always were: wherever the former
+    # per-class rounding already gave these counts, the subset is the same images.
+    return _draw(labels, counts - shares, seed)[1]
 
 
 @dataclass
@@ -115,5 +152,10 @@ class DataBundle:
 def to_device(splits: DatasetSplits, val_split: float, seed: int, device: torch.device | str) -> DataBundle:
     """Carve a stratified, seeded validation split from the training set and move all to ``device``."""
     tr_idx, val_idx = stratified_split(splits.train.labels, val_split, seed)
+    missing = np.setdiff1d(np.unique(splits.train.labels), splits.train.labels[tr_idx])
+    if len(missing):
+        raise PeerdistillError(f"data.val_split={val_split:g} of the {len(splits.train)} training images leaves class "
+                               f"{splits.classes[int(missing[0])]!r} without a training image; use more images "
+                               f"(data.train_subset) or a smaller data.val_split")
     val = DeviceSet(splits.train.subset(val_idx), device) if len(val_idx) else None
     return DataBundle(DeviceSet(splits.train.subset(tr_idx), device), val, DeviceSet(splits.test, device), splits)

@@ -1,8 +1,11 @@
 """A deterministic, learnable, class-conditional image source for tests and benchmarks."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
+from ..params import Interval, NonNegativeInt, PositiveInt
 from .base import DATASETS, DatasetSplits, ImageSet
 
 
@@ -16,11 +19,21 @@ def _make(n: int, num_classes: int, image_size: int, channels: int, rng: np.rand
 
 
 @DATASETS.register("synthetic")
-def synthetic(root: str | None = None, size: int = 512, num_classes: int = 10, image_size: int = 32,
-              channels: int = 3, test_size: int = 256, seed: int = 0) -> DatasetSplits:
+def synthetic(root: str | None = None, size: PositiveInt = 512, num_classes: Annotated[int, Interval(ge=2)] = 10,
+              image_size: Annotated[int, Interval(ge=8)] = 32, channels: PositiveInt = 3, test_size: PositiveInt = 256,
+              seed: NonNegativeInt = 0) -> DatasetSplits:
     """Each class is a fixed random smooth prototype image plus Gaussian pixel noise.
 
     The same ``seed`` always gives the same data; a small CNN learns it in a few epochs.
+
+    Args:
+        root: unused (the data is generated).
+        size: training images.
+        num_classes: classes.
+        image_size: side of the square images.
+        channels: image channels.
+        test_size: test images.
+        seed: seed of the prototypes and the noise.
     """
     del root
     rng = np.random.default_rng(seed)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..errors import PeerdistillError
+from ..report.text import plural
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
@@ -221,9 +222,10 @@ def format_report(r: dict[str, Any]) -> str:
     fmt = ("channels_last" if r["channels_last"] else "NCHW") + (", fused cohort" if r["fused"] else "")
     procs = f" x {r['world_size']} processes" if r["world_size"] > 1 else ""
     lines = [f"{r['method']} x{r['peers']} {r['model']} on {r['data']} {tuple(r['image_shape'])}, "
-             f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, {r['threads']} threads{procs}, "
+             f"batch {r['batch_size']}, {r['device']}, {r['precision']}, {fmt}, "
+             f"{plural(r['threads'], 'thread')}{procs}, "
              f"torch {r['torch']}",
-             f"{r['steps']} timed steps after {r['warmup']} warm-up steps",
+             f"{plural(r['steps'], 'timed step')} after {plural(r['warmup'], 'warm-up step')}",
              "",
              f"  images/s (through the cohort) {r['images_per_s']:10.1f}",
              f"  images/s per peer             {r['images_per_s_per_peer']:10.1f}",
@@ -237,7 +239,8 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("host_syncs_per_step") is not None:
         lines.append(f"  host syncs per step           {r['host_syncs_per_step']:10.1f}")
     lines.append(f"  projected run                 {format_duration(r['projected_run_s']):>10} "
-                 f"({r['epochs']} epochs x ({r['train_epoch_s']:.1f} s train + {r['eval_s']:.1f} s evaluation), "
+                 f"({plural(r['epochs'], 'epoch')} x ({r['train_epoch_s']:.1f} s train + "
+                 f"{r['eval_s']:.1f} s evaluation), "
                  f"{r['epoch_size']} training images per epoch: set --epoch-size for another data size)")
     lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
                   f"{r['timed_step_ms']:.1f} ms/step)"]

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import Config, from_dict
+from ..config import ENGINE_ARGS, Config, DataConfig, from_dict
 from ..data import DATASETS, DatasetSplits, ImageSet
 from ..data.augment import BatchAugment
-from ..data.loader import DataBundle, stratified_split, to_device
+from ..data.loader import DataBundle, stratified_subset, to_device
 from ..data.mix import MIXERS, Mixer
-from ..errors import PeerdistillError
+from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..models import MODELS
 from ..models.base import check_model_args
@@ -22,19 +23,34 @@ from ..models.pretrained import load_pretrained, split_weights_spec
 from .checkpoint import load_checkpoint
 
 
+def source_args(d: DataConfig) -> dict[str, object]:
+    """The dataset source's own parameters: every ``data.<parameter>`` checked against its signature, the
+    others at their defaults (``root`` is the general ``data.root``)."""
+    params = [k for k in DATASETS.params(d.name) if k not in ENGINE_ARGS["data"]]
+    general = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "args"]
+    shadowed = [k for k in params if f"data.{k}" in general]
+    if shadowed:  # data.<key> would set the general key and never reach the source
+        raise PeerdistillError(f"dataset {d.name!r} has a parameter {shadowed[0]!r} named like the general key "
+                               f"data.{shadowed[0]}; rename the parameter")
+    unknown = [k for k in d.args if k not in params]
+    if unknown:
+        key = f"data.{unknown[0]}"
+        takes = ", ".join(f"data.{k}" for k in params) or "no parameters of its own"
+        raise PeerdistillError(f"unknown config key {key!r}{nearest(key, general + [f'data.{k}' for k in params])}; "
+                               f"dataset {d.name!r} takes {takes}")
+    return DATASETS.resolve(d.name, d.args, skip=ENGINE_ARGS["data"])
+
+
 def load_splits(cfg: Config) -> DatasetSplits:
-    """Read the configured dataset, remove held-out classes and keep an optional stratified subset."""
+    """Read the configured dataset (with every parameter of its source), remove held-out classes and keep an
+    optional stratified subset (``data.train_subset``: exactly that many images, before the validation split)."""
     d = cfg.data
-    kwargs: dict[str, object] = {"root": d.root}
-    if d.name == "synthetic":
-        kwargs.update(size=d.size, test_size=d.test_size, num_classes=d.num_classes, image_size=d.image_size,
-                      channels=d.channels)
-    splits = DATASETS.build(d.name, **kwargs).check(d.name)
+    splits = DATASETS.build(d.name, root=d.root, **source_args(d)).check(d.name)
     if d.holdout_classes:
         splits = hold_out(splits, d.holdout_classes, d.name)
-    if d.train_subset and d.train_subset < len(splits.train):
-        frac = 1.0 - d.train_subset / len(splits.train)
-        keep, _ = stratified_split(splits.train.labels, frac, cfg.seed + 1)
+    if d.train_subset:
+        keep = stratified_subset(splits.train.labels, d.train_subset, cfg.seed + 1, splits.classes,
+                                 f"data.train_subset={d.train_subset}")
         splits.train = splits.train.subset(keep)
     return splits
 
@@ -79,6 +95,23 @@ def make_mixer(cfg: Config) -> Mixer | None:
     return None if cfg.mixer is None else MIXERS.build(cfg.mixer.name, **cfg.mixer.args)
 
 
+def resolve_components(cfg: Config) -> None:
+    """Check every component's and the data source's arguments and fill in the defaults of the others, so
+    that the config written into a run (and compared on ``--resume``) names every value the run uses."""
+    cfg.data.args = source_args(cfg.data)
+    names = cfg.model_names or [""]
+    for name in names:
+        check_model_args(name, cfg.model.args)
+    own = {k: v for k, v in cfg.model.args.items() if k != "pretrained"}  # pretrained: every model's, no default
+    per_model = [MODELS.resolve(name, own, skip=ENGINE_ARGS["model"]) for name in names]
+    # a heterogeneous cohort records the arguments given and the defaults its models share
+    shared = {k: v for k, v in per_model[0].items() if all(k in p and p[k] == v for p in per_model[1:])}
+    cfg.model.args = {**shared, **{k: v for k, v in cfg.model.args.items() if k == "pretrained"}}
+    for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
+        if comp is not None:
+            comp.args = registry.resolve(comp.name, comp.args)
+
+
 @dataclass
 class Built:
     data: DataBundle
@@ -91,10 +124,9 @@ class Built:
 
 def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     """Check every component's parameters and the method's needs against the config, before any data
-    is read or any file written; returns the method and add-ons it built (cheap: no networks)."""
-    DATASETS.get(cfg.data.name)
-    for name in cfg.model_names or [""]:
-        check_model_args(name, cfg.model.args)
+    is read or any file written; returns the method and add-ons it built (cheap: no networks). The config
+    is resolved on the way: every default is filled in (see :func:`resolve_components`)."""
+    resolve_components(cfg)
     if cfg.mixer is not None:
         make_mixer(cfg)
     if cfg.robustness is not None:
@@ -163,19 +195,20 @@ def check_teacher(spec: str, peer: int, expected_model: str | None) -> None:
         raise PeerdistillError(f"teacher {spec} is a {name}, not the expected {expected_model}")
 
 
-def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
-                 expected_model: str | None = None) -> Cohort:
+def load_teacher(path: str, peer: int, num_classes: int, in_channels: int, expected_model: str | None = None,
+                 use_other: Callable[[Path], str] = lambda other: f"method.teacher={other}") -> Cohort:
     """Load a frozen teacher, checking it fits this data: peer ``peer`` of another run's checkpoint, or
     ``MODEL:WEIGHTS``, a registered model initialised from a weights file whose classifier has this
-    data's classes (:mod:`peerdistill.models.pretrained`)."""
+    data's classes (:mod:`peerdistill.models.pretrained`). ``use_other`` says how to point at the run's
+    other checkpoint when this one is unreadable."""
     parts = split_weights_spec(path)
     if parts is not None:
         check_teacher(path, peer, expected_model)
         net = MODELS.build(parts[0], num_classes=num_classes, in_channels=in_channels)
         load_pretrained(net, parts[0], parts[1], head="require")
         return Cohort([net]).eval().requires_grad_(False)
-    ckpt = load_checkpoint(path, prefer="best.pt")
-    tcfg = from_dict(ckpt["config"])
+    ckpt = load_checkpoint(path, prefer="best.pt", use_other=use_other)
+    tcfg = from_dict(ckpt["config"], stored=True)
     meta = ckpt.get("data", {})
     if meta.get("num_classes") != num_classes or meta.get("in_channels") != in_channels:
         raise PeerdistillError(f"teacher {path} was trained for {meta.get('num_classes')} classes and "

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -25,11 +25,12 @@ from .. import config as C
 from ..data import ImageSet
 from ..errors import PeerdistillError, nearest
 from ..fileio import find_dataset_dir
-from ..params import check_value
+from ..params import Interval, NonNegativeInt, Positive, PositiveInt, check_value
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
 from ..metrics.robustness import Attacked, fgsm, pgd
 from ..report.logger import write_json
+from ..report.text import plural
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .distributed import local_only
 from .ood_sets import ood_sets, subset
@@ -40,61 +41,56 @@ SCORES = ("msp", "odin", "energy")
 CIFAR_C = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 
 
+Eps = Annotated[float, Interval(gt=0, le=1)]  # an L-inf budget: a fraction of the [0, 1] pixel range
+Severity = Annotated[int, Interval(ge=1, le=5)]
+
+
 @dataclass
 class RobustOptions:
     """What to evaluate and how (the ``peerdistill eval`` options; defaults fit 3 minutes on 2 CPU cores
-    for a Fashion-MNIST ResNet-14)."""
+    for a Fashion-MNIST ResNet-14). Each field's annotation is its valid range: the command line, the
+    config's ``robustness:`` section and :meth:`check` all read it."""
 
     adversarial: bool = False
     corruptions: bool = False
     ood: bool = False
-    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
-    pgd_steps: int = 10
-    pgd_step_size: float | None = None  # None: 2.5 * eps / steps (Madry et al.)
+    eps: list[Eps] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=lambda: list(ATTACKS))
+    pgd_steps: PositiveInt = 10
+    pgd_step_size: Eps | None = None  # None: 2.5 * eps / steps (Madry et al.)
     pgd_random_start: bool = True
     fgsm_authors: bool = False  # also the SD-Dropout authors' ART setting
-    authors_eps: float = 0.2
-    adv_limit: int = 500
+    authors_eps: Positive = 0.2  # on normalised inputs, so it may exceed 1
+    adv_limit: PositiveInt = 500
     families: list[str] = field(default_factory=lambda: list(CR.DEFAULT))
-    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    corruption_limit: int = 500
-    corruption_source: str = "builtin"  # or "imagecorruptions" (ImageNet-C definitions)
+    severities: list[Severity] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_limit: PositiveInt = 500
+    corruption_source: Literal["builtin", "imagecorruptions"] = "builtin"  # imagecorruptions: ImageNet-C definitions
     corruptions_npy: str | None = None  # a folder of published <family>.npy + labels.npy
     ood_data: list[str] = field(default_factory=lambda: ["auto"])
     ood_root: str | None = None
-    ood_limit: int = 1000
-    scores: list[str] = field(default_factory=lambda: list(SCORES))
-    odin_temperature: float = OOD.ODIN_T
-    odin_eps: float = OOD.ODIN_EPS
-    odin_space: str = "pixel"  # "pixel": eps in [0, 1] units, as ODIN's code; "normalised": on the normalised tensor
-    energy_temperature: float = 1.0
+    ood_limit: PositiveInt = 1000
+    scores: list[Literal["msp", "odin", "energy"]] = field(default_factory=lambda: list(SCORES))
+    odin_temperature: Positive = OOD.ODIN_T
+    odin_eps: Annotated[float, Interval(ge=0, le=1)] = OOD.ODIN_EPS
+    odin_space: Literal["pixel", "normalised"] = "pixel"  # pixel: eps in [0, 1] units, as ODIN's code
+    energy_temperature: Positive = 1.0
     heads: list[str] | None = None
-    seed: int = 0
-    batch_size: int = 250
+    seed: NonNegativeInt = 0
+    batch_size: PositiveInt = 250
     plots: bool = True
 
     def check(self) -> None:
-        """One-line errors for values no run could use (cross-option checks included)."""
+        """One-line errors for values no run could use: each field against its annotation, then the
+        options together."""
+        hints = typing.get_type_hints(RobustOptions, include_extras=True)
+        for f in fields(self):
+            setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f"robustness option {f.name!r}"))
         if not (self.adversarial or self.corruptions or self.ood):
             raise PeerdistillError("nothing to evaluate: give --robustness, --adversarial, --corruptions or --ood")
-        _members(self.attacks, ATTACKS, "attack")
-        _members(self.scores, SCORES, "OOD score")
+        if not self.eps or not self.severities:
+            raise PeerdistillError("the lists of eps and severities cannot be empty")
         self.families = CR.resolve_families(self.families)
-        positive = {"eps": min(self.eps, default=0), "--pgd-steps": self.pgd_steps, "--authors-eps": self.authors_eps,
-                    "--odin-temperature": self.odin_temperature, "--energy-temperature": self.energy_temperature,
-                    "--batch-size": self.batch_size, "--adv-limit": self.adv_limit, "--ood-limit": self.ood_limit,
-                    "--corruption-limit": self.corruption_limit,
-                    "--pgd-step-size": 1 if self.pgd_step_size is None else self.pgd_step_size}
-        for name, v in positive.items():
-            if not v > 0:
-                raise PeerdistillError(f"{name} must be positive, got {v}")
-        if self.odin_eps < 0:
-            raise PeerdistillError(f"--odin-eps must be >= 0, got {self.odin_eps}")
-        if not self.severities or any(s not in range(1, 6) for s in self.severities):
-            raise PeerdistillError(f"--severities must be in 1..5, got {self.severities}")
-        _members([self.corruption_source], ("builtin", "imagecorruptions"), "corruption source")
-        _members([self.odin_space], ("pixel", "normalised"), "ODIN space")
 
 
 def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
@@ -103,14 +99,15 @@ def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
     d = dict(d)
     limit = d.pop("limit", None)
     names = [f.name for f in fields(RobustOptions)]
-    hints = typing.get_type_hints(RobustOptions)
+    hints = typing.get_type_hints(RobustOptions, include_extras=True)
     for k, v in d.items():
         if k not in names:
             raise PeerdistillError(f"unknown robustness option {k!r}{nearest(k, [*names, 'limit'])}")
         d[k] = check_value(v, hints[k], f"robustness option {k!r}")
     opt = RobustOptions(**d)
     if limit is not None:
-        opt.adv_limit = opt.corruption_limit = opt.ood_limit = check_value(limit, int, "robustness option 'limit'")
+        opt.adv_limit = opt.corruption_limit = opt.ood_limit = check_value(limit, PositiveInt,
+                                                                           "robustness option 'limit'")
     return opt
 
 
@@ -128,11 +125,12 @@ class Evaluated:
     building a second one, whose copy of the data and networks would double the device memory.
     """
 
-    def __init__(self, path: str | Path, which: str, threads: int | None = None,
+    def __init__(self, path: str | Path, which: str | None, threads: int | None = None,
                  trainer: Trainer | None = None) -> None:
         self.ckpt_path = resolve_checkpoint(path, which)
         if trainer is None:
-            cfg = C.from_dict(load_checkpoint(self.ckpt_path)["config"])
+            ckpt = load_checkpoint(self.ckpt_path, use_other=lambda other: f"--checkpoint {other.name}")
+            cfg = C.from_dict(ckpt["config"], stored=True)
             cfg.tensorboard, cfg.wandb = False, False
             if threads is not None:
                 cfg.threads = threads
@@ -315,7 +313,7 @@ def ood(ev: Evaluated, opt: RobustOptions, heads: list[str],
     sets = _ood_sets(ev, opt) if sets is None else sets
     idx = subset(len(ev.test), opt.ood_limit, opt.seed)
     in_scores = {h: _scores(ev, ev.test.images[idx], h, opt) for h in heads}
-    res: dict[str, Any] = {"in_distribution": f"{ev.cfg.data.name} test ({len(idx)} images)"}
+    res: dict[str, Any] = {"in_distribution": f"{ev.cfg.data.name} test ({plural(len(idx), 'image')})"}
     raw: dict[str, Any] = {"in": in_scores, "out": {}}
     for name, images in sets.items():
         raw["out"][name] = {h: _scores(ev, images, h, opt) for h in heads}
@@ -374,11 +372,13 @@ def _settings(opt: RobustOptions, part: str) -> dict[str, Any]:
     return {**{k: d[k] for k in keep}, **extra, **common}
 
 
-def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = "last.pt",
+def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str | None = None,
                     threads: int | None = None, echo: Callable[[str], None] | None = None,
                     trainer: Trainer | None = None) -> dict[str, Any]:
     """Evaluate a run directory (or checkpoint) and record the results in its ``eval.json`` (``trainer``:
     the run's live one, reused; see :class:`Evaluated`).
+
+    ``checkpoint`` names the run directory's checkpoint (default ``last.pt``); one that does not exist is an error.
 
     Returns ``{"checkpoint", "epoch", "run_dir", "heads", "<part>": {"key", "settings", "seconds",
     "results"}}`` for each part evaluated (``adversarial``, ``corruptions``, ``ood``).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ from tqdm import tqdm
 
 from .. import config as C
 from ..errors import PeerdistillError
-from ..report.configs import NEUTRAL_KEYS, flat_config, under
+from ..report.configs import NEUTRAL_KEYS, canon, flat_config, under
 from ..report.logger import RunLogger, write_json
 from ..report.plots import plot_history, plot_reliability
+from ..report.text import plural, text_table
 from .bench import format_duration
 from .build import validate_config
 from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -69,16 +71,14 @@ def check_resume(cfg: C.Config, out: Path) -> None:
     stored_path = out / "config.yaml"
     if not stored_path.is_file():
         raise PeerdistillError(f"{out} has no config.yaml: it is not a run directory")
-    stored_cfg = C.load(stored_path)
-    validate_config(stored_cfg)
-    stored = stored_cfg.to_dict()
-    new = cfg.to_dict()
-    stored, new = flat_config(stored), flat_config(new)
+    stored_cfg = C.load(stored_path, stored=True)
+    validate_config(stored_cfg)  # resolved as ``cfg`` is: a run written before its defaults were stored compares equal
+    stored, new = flat_config(stored_cfg.to_dict()), flat_config(cfg.to_dict())
     for key in sorted(set(stored) | set(new)):
         if under(key, RESUMABLE):
             continue
         a, b = stored.get(key), new.get(key)
-        if a != b:
+        if canon(a) != canon(b):
             raise PeerdistillError(f"--resume continues {out} exactly as it was configured, but {key} would change "
                                    f"({a!r} -> {b!r}); only {', '.join(RESUMABLE)} may be given on resume "
                                    f"(to train longer or differently, start a new run)")
@@ -101,51 +101,95 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
         done = _finished_summary(out)
         if done is not None:
             if echo:
-                print(f"{out} has already finished ({done['epochs']} epochs); nothing to train", file=sys.stderr)
+                print(f"{out} has already finished ({plural(done['epochs'], 'epoch')}); nothing to train",
+                      file=sys.stderr)
             if (out / ROBUST_PENDING).exists():
                 if echo:
                     print(f"running its pending robustness evaluation into {out / 'eval.json'}", file=sys.stderr)
                 pending_robustness(out, cfg)
             return done
+        load_checkpoint(ckpt, use_other=lambda other: f"copy it over {ckpt} to resume from its epoch")
     else:
         out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         if (out / "checkpoints" / "last.pt").exists():
             raise PeerdistillError(f"{out} already holds a run; use --resume {out} or another --out")
+    # What this attempt may remove if it fails before its first checkpoint: the folder if it makes it, else
+    # the run files it adds (a sweep's folder already holds train.log and its records).
+    existed = {name for name in ATTEMPT_FILES if (out / name).exists()} if out.exists() else None
     trainer = Trainer(cfg, out)
     main = trainer.dist.is_main
-    if main:
-        prepare_run_dir(out, cfg, write_config=resume is None)
-    on_epoch = (lambda rec: _echo_epoch(rec, cfg.epochs, len(trainer.cohort))) if echo else None
-    logger = RunLogger(out, cfg.tensorboard, on_epoch, wandb=cfg.wandb, config=cfg.to_dict()) if main else None
-    trainer.logger = logger
-    if resume is not None:
+    logger = None
+    try:
+        if main:
+            _reuse_note(out, resume is None and echo)
+            prepare_run_dir(out, cfg, write_config=resume is None)
+        on_epoch = (lambda rec: _echo_epoch(rec, cfg.epochs, len(trainer.cohort))) if echo else None
+        logger = RunLogger(out, cfg.tensorboard, on_epoch, wandb=cfg.wandb, config=cfg.to_dict()) if main else None
+        trainer.logger = logger
+        summary = _fit(trainer, cfg, out, ckpt if resume is not None else None, logger, echo)
+    except BaseException:
+        if main and resume is None and trainer.saved_epoch is None:
+            if logger is not None:
+                logger.close()
+            discard_attempt(out, existed)  # nothing finished: leave no half-made run for a later --out to reuse
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+        teardown()
+    return summary
+
+
+def _fit(trainer: Trainer, cfg: C.Config, out: Path, ckpt: Path | None, logger: RunLogger | None,
+         echo: bool) -> dict[str, Any]:
+    """Load the checkpoint of a resumed run, train to the end and write the run's results."""
+    main = trainer.dist.is_main
+    if ckpt is not None:
         trainer.load(ckpt)
         _note_precision_change(trainer, echo and main)
     if logger is not None:  # a resume keeps the records up to its checkpoint; a new run, none of a dead attempt
-        logger.truncate_after(trainer.epoch if resume is not None else -1)
-    if resume is not None and echo and main:
+        logger.truncate_after(trainer.epoch if ckpt is not None else -1)
+    if ckpt is not None and echo and main:
         print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     if echo and main:
         print(f"run {out}: {cfg.method.name} x{len(trainer.cohort)} {cfg.model.name} on {cfg.data.name} "
               f"({len(trainer.data.train)} train / {len(trainer.data.val) if trainer.data.val else 0} val / "
               f"{len(trainer.data.test)} test), {trainer.precision.name}, "
               f"{'channels_last' if trainer.channels_last else 'NCHW'}, {trainer.device}", file=sys.stderr)
-    try:
-        summary = trainer.fit(ProgressBar if cfg.progress and main else None)
-        if main:
-            if not summary["final"]["test"]:  # killed after the last checkpoint, before the summary
-                summary["final"] = _last_logged(logger)
-            finish(trainer, out, summary, logger)
-        trainer.dist.barrier()  # under torchrun, every rank ends once rank 0 has written the summary
-        if main and cfg.robustness is not None:
-            # Rank 0 alone, after the other ranks have left: none of them waits in a collective that a long
-            # evaluation could time out. The run's trainer is reused: no second copy of data and networks.
-            pending_robustness(out, cfg, trainer)
-    finally:
-        if logger is not None:
-            logger.close()
-        teardown()
+    summary = trainer.fit(ProgressBar if cfg.progress and main else None)
+    if main:
+        if not summary["final"]["test"]:  # killed after the last checkpoint, before the summary
+            summary["final"] = _last_logged(logger)
+        finish(trainer, out, summary, logger)
+    trainer.dist.barrier()  # under torchrun, every rank ends once rank 0 has written the summary
+    if main and cfg.robustness is not None:
+        # Rank 0 alone, after the other ranks have left: none of them waits in a collective that a long
+        # evaluation could time out. The run's trainer is reused: no second copy of data and networks.
+        pending_robustness(out, cfg, trainer)
     return summary
+
+
+ATTEMPT_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "steps.jsonl", "tb", "wandb_id", "checkpoints")
+
+
+def _reuse_note(out: Path, new_run: bool) -> None:
+    if new_run and (out / "config.yaml").is_file():
+        print(f"note: {out} holds an attempt that ended before its first checkpoint; starting the run afresh there",
+              file=sys.stderr)
+
+
+def discard_attempt(out: Path, existed: set[str] | None) -> None:
+    """Remove what a new run wrote before it failed without a checkpoint: the whole folder if it made it
+    (``existed`` is None), else the run files it added (not those in ``existed``)."""
+    if existed is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(ATTEMPT_FILES) - existed:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _finished_summary(out: Path) -> dict[str, Any] | None:
@@ -217,11 +261,16 @@ def pending_robustness(out: Path, cfg: C.Config, trainer: Trainer | None = None)
     (out / ROBUST_PENDING).unlink(missing_ok=True)
 
 
-def evaluate(path: str | Path, which: str = "last.pt") -> dict[str, Any]:
-    """Re-evaluate a saved run (directory or checkpoint) on its validation and test sets."""
+def evaluate(path: str | Path, which: str | None = None) -> dict[str, Any]:
+    """Re-evaluate a saved run (directory or checkpoint) on its validation and test sets.
+
+    Args:
+        path: a run directory or a checkpoint file.
+        which: the checkpoint of a run directory (``last.pt`` when not given); one that does not exist is an error.
+    """
     ckpt_path = resolve_checkpoint(path, which)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = C.from_dict(ckpt["config"])
+    ckpt = load_checkpoint(ckpt_path, use_other=lambda other: f"--checkpoint {other.name}")
+    cfg = C.from_dict(ckpt["config"], stored=True)
     cfg.tensorboard = False
     trainer = Trainer(cfg, None)
     trainer.load(ckpt_path)
@@ -232,13 +281,14 @@ def evaluate(path: str | Path, which: str = "last.pt") -> dict[str, Any]:
 
 def format_table(summary_test: dict[str, Any], best: dict[str, Any] | None = None) -> str:
     """A small text table: per head, test top-1 / ECE at the last epoch (and at best validation)."""
-    rows = [f"{'head':<12}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>7}"
-            + ("   test top-1 at best val (epoch)" if best else "")]
+    header = ["head", "top-1", "top-5", "NLL", "ECE"] + (["test top-1 at best val (epoch)"] if best else [])
+    rows = []
     for head, m in summary_test.items():
         if "ece" not in m:
             continue
-        line = f"{head:<12}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.3f}{m['ece']:>7.2f}"
-        if best and head in best:
-            line += f"   {best[head]['test']['top1']:>6.2f} ({best[head]['epoch']})"
-        rows.append(line)
-    return "\n".join(rows)
+        row = [head, f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['nll']:.3f}", f"{m['ece']:.2f}"]
+        if best:
+            b = best.get(head)
+            row.append(f"{b['test']['top1']:.2f} ({b['epoch']})" if b else "-")
+        rows.append(row)
+    return "\n".join(text_table(header, rows, "lrrrrr"))

@@ -260,7 +260,8 @@ class Trainer:
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
             if (i + 1) % check_every == 0 or i + 1 == self.steps_per_epoch:
                 self._check_finite(sums)
-            if self.logger is not None and self.step % self.cfg.log_every == 0:
+            # every log_every steps, and each epoch's last step: a run shorter than log_every has its records too
+            if self.logger is not None and (self.step % self.cfg.log_every == 0 or i + 1 == self.steps_per_epoch):
                 self.logger.step({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                   "loss": {k: float(v) for k, v in terms.items()},
                                   "lr": self.optimizer.param_groups[0]["lr"]})
@@ -332,13 +333,13 @@ class Trainer:
             return None
         path = self.out_dir / "checkpoints" / name
         state = self.state()
+        kept = f"the previous {name} is intact; " if path.is_file() else ""
         try:
             save_atomic(state, path)
         except (OSError, RuntimeError) as e:
             since = (f"--resume {self.out_dir} continues from epoch {self.saved_epoch}" if self.saved_epoch
                      else "no checkpoint was written yet, so the run restarts from scratch")
-            raise PeerdistillError(f"could not write {path} ({write_failure(e, path, state)}); the previous "
-                                   f"checkpoint is intact; {since}") from None
+            raise PeerdistillError(f"could not write {path} ({write_failure(e, path, state)}); {kept}{since}") from None
         if name == "last.pt":
             self.saved_epoch = self.epoch
         return path
@@ -405,12 +406,13 @@ class Trainer:
         return record if "test" in record else {}
 
     def _track_best(self, val: dict[str, Any], test: dict[str, Any]) -> bool:
-        """Per head: test metrics at the epoch of that head's best validation top-1."""
+        """Per head: test metrics at the epoch of that head's best validation top-1; without a validation
+        split, at the last evaluated epoch (``val_top1`` is then ``None``: there is no such number)."""
         improved = False
         for head, m in test.items():
-            score = val.get(head, {}).get("top1", -math.inf) if val else self.epoch
+            score = val.get(head, {}).get("top1", -math.inf) if val else None
             prev = self.best.get(head)
-            if prev is None or score > prev["val_top1"]:
+            if prev is None or score is None or prev["val_top1"] is None or score > prev["val_top1"]:
                 self.best[head] = {"epoch": self.epoch, "val_top1": score, "test": m}
                 improved |= head == "peers_mean"
         return improved

@@ -40,7 +40,7 @@ class KD(Method):
     with ``(w1, w2, w3) = lw_mix = (1, 0, 1)``: the KD target on an augmented image is the teacher's
     output on that image, and there is no CE on mixed labels by default.
 
-    ``peers=1`` is the usual single-student setting; with more peers every student distils from the
+    One student by default (``peers=1``, the usual setting); with more peers every student distils from the
     teacher independently (their ensemble is still evaluated).
 
     Args:
@@ -66,7 +66,9 @@ class KD(Method):
             raise PeerdistillError("method 'kd' needs a teacher: set method.teacher=<run directory or checkpoint> "
                                    "or method.teacher=<model>:<weights file>")
         self.temperature, self.alpha, self.gamma = temperature, alpha, gamma
-        self.needs = Needs(teacher=teacher, teacher_peer=teacher_peer, teacher_model=teacher_model or None)
+        # One student by default, as in every KD recipe (more peers distil from the teacher independently).
+        self.needs = Needs(teacher=teacher, teacher_peer=teacher_peer, teacher_model=teacher_model or None,
+                           default_peers=1)
         plain = extra_aug in ("", "none")
         if plain and (extra_aug_args or lw_mix is not None):
             raise PeerdistillError("method.extra_aug_args and method.lw_mix need method.extra_aug=<augmentation>")

@@ -16,9 +16,10 @@ does not depend on which augmentations run together, and costs one extra forward
 from __future__ import annotations
 
 import time
+import typing
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from ..data.augmentations import PAPER_AUGS, Augmentation, aug_label, build_augm
 from ..data.loader import DeviceLoader, to_device
 from ..data.views import ViewContext
 from ..errors import PeerdistillError
+from ..params import NonNegativeInt, Positive, PositiveInt, check_value
+from ..report.text import plural, text_table
 
 
 def t_stddev(prob_groups: Tensor) -> float:
@@ -90,17 +93,17 @@ class TStdDevOptions:
         progress: show a progress bar (on a terminal).
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    group_iters: int = 5
-    temperature: float = 1.0
-    seed: int = 0
-    precision: str | None = None
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    group_iters: PositiveInt = 5
+    temperature: Positive = 1.0
+    seed: NonNegativeInt = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
     device: str = "auto"
-    threads: int = 0
-    teacher_peer: int = 0
+    threads: NonNegativeInt = 0
+    teacher_peer: NonNegativeInt = 0
     student: str | None = None
-    student_peer: int = 0
+    student_peer: NonNegativeInt = 0
     overrides: list[str] = field(default_factory=list)
     progress: bool = True
 
@@ -124,7 +127,8 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     _check_options(opts)
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    cfg = _teacher_config(load_checkpoint(teacher, prefer="best.pt")["config"], opts.overrides)
+    other = lambda o: f"give {o} as the teacher"  # noqa: E731
+    cfg = _teacher_config(load_checkpoint(teacher, prefer="best.pt", use_other=other)["config"], opts.overrides)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision or cfg.precision, device)
     splits = load_splits(cfg)
@@ -132,16 +136,18 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     k, c = splits.num_classes, splits.train.images.shape[-1]
     channels_last = resolve_channels_last(None, device, precision)  # inference: the automatic choice
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    t_net = load_teacher(teacher, opts.teacher_peer, k, c).to(device, memory_format=fmt)
-    s_net = load_teacher(opts.student, opts.student_peer, k, c).to(device, memory_format=fmt) if opts.student else None
+    t_net = load_teacher(teacher, opts.teacher_peer, k, c, use_other=other).to(device, memory_format=fmt)
+    s_net = (load_teacher(opts.student, opts.student_peer, k, c, use_other=lambda o: f"--student {o}")
+             .to(device, memory_format=fmt) if opts.student else None)
     entries, notes = _entries(augs, s_net is not None, tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits),
                               opts.group_iters)
     augment = make_augment(cfg, splits, channels_last)
     loader = DeviceLoader(data.train, opts.batch_size, True, opts.seed)
     if opts.epochs * len(loader) < 2 * opts.group_iters:
-        raise PeerdistillError(f"{opts.epochs} epoch(s) of {len(loader)} batches of {opts.batch_size} make fewer "
-                               f"than 2 groups of {opts.group_iters} iterations; raise --epochs or lower "
-                               f"--batch-size or --group-iters")
+        raise PeerdistillError(f"{plural(opts.epochs, 'epoch')} of {plural(len(loader), 'batch', 'batches')} of "
+                               f"{opts.batch_size} make fewer than 2 groups of "
+                               f"{plural(opts.group_iters, 'iteration')}; raise --epochs or lower --batch-size or "
+                               f"--group-iters")
 
     def logits_of(net: Any) -> Any:
         def run(x: Tensor) -> Tensor:
@@ -229,7 +235,7 @@ def _needs_student(name: str, args: dict[str, Any]) -> bool:
 
 
 def _teacher_config(raw: dict[str, Any], overrides: list[str]) -> C.Config:
-    cfg = C.from_dict(raw)
+    cfg = C.from_dict(raw, stored=True)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.startswith("data."):
@@ -239,17 +245,16 @@ def _teacher_config(raw: dict[str, Any], overrides: list[str]) -> C.Config:
 
 
 def _check_options(opts: TStdDevOptions) -> None:
-    for name in ("epochs", "batch_size", "group_iters"):
-        if getattr(opts, name) < 1:
-            raise PeerdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
-    if not opts.temperature > 0:
-        raise PeerdistillError(f"--temperature must be > 0, got {opts.temperature}")
+    """Each option against its annotation (the command line's types read the same ones)."""
+    hints = typing.get_type_hints(TStdDevOptions, include_extras=True)
+    for f in fields(opts):
+        if f.name != "overrides":
+            check_value(getattr(opts, f.name), hints[f.name], f"--{f.name.replace('_', '-')}")
 
 
 def format_ranking(result: dict[str, Any]) -> str:
     """The ranked table: lower T. stddev first (the better augmentation for KD, by the paper)."""
-    rows = [f"{'rank':<6}{'augmentation':<40}{'T. stddev':>12}{'entropy':>10}{'groups':>8}"]
-    for i, r in enumerate(result["results"], 1):
-        rows.append(f"{i:<6}{r['aug']:<40}{r['t_stddev']:>12.6f}{r['entropy']:>10.4f}{r['groups']:>8}")
-    return "\n".join(rows)
+    rows = [[str(i), r["aug"], f"{r['t_stddev']:.6f}", f"{r['entropy']:.4f}", str(r["groups"])]
+            for i, r in enumerate(result["results"], 1)]
+    return "\n".join(text_table(["rank", "augmentation", "T. stddev", "entropy", "groups"], rows, "llrrr"))
 

@@ -104,8 +104,16 @@ def build_model(name: str, num_classes: int, in_channels: int, pretrained: str |
         pretrained: a weights file to start from (any model; see :mod:`peerdistill.models.pretrained`
             for the formats and names read, and what happens to a classifier of another size).
         **kwargs: the model's own parameters.
+
+    Raises:
+        PeerdistillError: if what the constructor returns is not a :class:`StagedNet` (the engine reads its
+            stem, stages and classifier), before any run directory exists.
     """
     net = MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if not isinstance(net, StagedNet):
+        raise PeerdistillError(f"model {name!r} builds a {type(net).__name__}, not a StagedNet: a model must be a "
+                               f"peerdistill.StagedNet (a stem, named stages and a linear classifier) so that "
+                               f"methods can tap its stages, embedding and head")
     if pretrained:
         from .pretrained import load_pretrained
 

@@ -1,23 +1,24 @@
 """Run configurations as the result table compares them: every default filled in, values canonical.
 
 ``method: dml`` and ``method: {name: dml, temperature: 1.0}`` describe the same run, and a config.yaml
-written before a key existed means that key's default; :func:`resolve` makes such configs equal.
+written before a key existed means that key's default (or, for the synthetic source's keys an older version
+wrote into every run, nothing: :func:`~peerdistill.config.upgrade`); :func:`resolve` makes such configs equal.
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from ..config import Config
+from ..config import ENGINE_ARGS, Config, upgrade
+from ..data import DATASETS
 from ..data.mix import MIXERS
 from ..errors import PeerdistillError
 from ..methods import ADDONS, METHODS
 from ..models import MODELS
-from ..registry import Registry
+from ..registry import Registry, plain
 
 # The registry behind each component key.
 REGISTRIES: dict[str, Registry[Any]] = {"method": METHODS, "model": MODELS, "mixer": MIXERS, "addon": ADDONS}
-_ENGINE_ARGS = ("num_classes", "in_channels")  # given to models from the data, never set in a config
 
 
 def resolve(raw: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     Args:
         raw: the mapping read from a run's ``config.yaml`` (of this or an older version).
     """
+    raw = upgrade(raw)
     defaults = Config().to_dict()
     # Every config.yaml names its cohort size (the engine resolves the method's default before writing
     # it); the only files without it are fakes and predate that default, when it was 2.
@@ -35,6 +37,9 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
         comp = _component(raw.get(key, defaults.get(key)))
         cfg[key] = None if comp is None else {"name": comp["name"], **component_defaults(registry, comp["name"]),
                                               **comp}
+    if isinstance(cfg.get("data"), dict):  # the data source's own parameters, at their defaults where not set
+        source = component_defaults(DATASETS, cfg["data"].get("name", ""), ENGINE_ARGS["data"])
+        cfg["data"] = {**source, **cfg["data"]}
     return cfg
 
 
@@ -52,8 +57,10 @@ def _component(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and "name" in value else None
 
 
-def component_defaults(registry: Registry[Any], name: str) -> dict[str, Any]:
+def component_defaults(registry: Registry[Any], name: str, engine: tuple[str, ...] = ENGINE_ARGS["model"]
+                       ) -> dict[str, Any]:
     """Constructor defaults of ``name``; of a heterogeneous cohort ``a,b``, those all members share.
+    ``engine``: parameters the engine supplies, never set in a config.
 
     An unknown name (a component since renamed or removed) has none: such runs are grouped as written.
     """
@@ -61,7 +68,7 @@ def component_defaults(registry: Registry[Any], name: str) -> dict[str, Any]:
         params = [registry.params(part.strip()) for part in str(name).split(",")]
     except PeerdistillError:
         return {}
-    return {k: v for k, v in params[0].items() if v is not inspect.Parameter.empty and k not in _ENGINE_ARGS
+    return {k: plain(v) for k, v in params[0].items() if v is not inspect.Parameter.empty and k not in engine
             and all(k in p and canon(p[k]) == canon(v) for p in params[1:])}
 
 

@@ -22,6 +22,7 @@ from ..data.augmentations import aug_label  # noqa: E402
 from ..errors import PeerdistillError  # noqa: E402
 from .configs import NEUTRAL_KEYS, flat_config, under  # noqa: E402
 from .table import RunSet  # noqa: E402
+from .text import text_table  # noqa: E402
 
 STATS_EXTRA = "pip install 'peerdistill[stats]'"
 # Keys that may differ between the runs of one study: the axis itself, seeds, and what cannot change numbers.
@@ -82,19 +83,49 @@ def _differences(runs: list[Any]) -> list[str]:
     return [f"the student runs also differ in: {', '.join(keys)}"] if keys else []
 
 
-def correlations(x: list[float], y: list[float]) -> dict[str, dict[str, float]]:
-    """Pearson, Spearman and Kendall coefficients with two-sided p-values (scipy.stats)."""
+EXACT_MAX_N = 8  # up to 8! = 40 320 orderings, the Spearman p-value is counted exactly
+
+
+def correlations(x: list[float], y: list[float]) -> dict[str, dict[str, Any]]:
+    """Pearson, Spearman and Kendall coefficients with two-sided p-values (scipy.stats).
+
+    For few points the t approximation scipy uses for Spearman is far off (3 points in perfect order give
+    p = 0, where 2 of the 6 orderings are as extreme: p = 1/3), so up to :data:`EXACT_MAX_N` points its
+    p-value is the exact permutation one, and Kendall's is scipy's exact one wherever that exists (no ties);
+    ``exact`` says which p-values are exact.
+    """
     try:
         from scipy import stats
     except ImportError:
         raise PeerdistillError(f"peerdistill correlate needs scipy: {STATS_EXTRA}") from None
     if len(x) < 3:
         raise PeerdistillError(f"correlations need at least 3 augmentations with student runs, got {len(x)}")
+    ties = len(set(x)) < len(x) or len(set(y)) < len(y)
+    exact_tau = not ties and len(x) <= 33  # scipy's exact null distribution of tau exists without ties
     out = {}
-    for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
-        res = fn(x, y)
-        out[name] = {"r": float(res.statistic), "p": float(res.pvalue)}
+    for name, res, exact in (("pearson", stats.pearsonr(x, y), False), ("spearman", stats.spearmanr(x, y), False),
+                             ("kendall", stats.kendalltau(x, y, method="exact" if exact_tau else "asymptotic"),
+                              exact_tau)):
+        out[name] = {"r": float(res.statistic), "p": float(res.pvalue), "exact": exact}
+    if len(x) <= EXACT_MAX_N:
+        out["spearman"].update(p=spearman_exact_p(x, y), exact=True)
     return out
+
+
+def spearman_exact_p(x: list[float], y: list[float]) -> float:
+    """Two-sided permutation p-value of Spearman's rho: the share of the orderings of ``y``'s ranks whose
+    |rho| is at least the observed one (ties keep their average ranks)."""
+    import itertools
+
+    import numpy as np
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y)
+    perms = ry[np.array(list(itertools.permutations(range(len(y)))))]  # (n!, n)
+    perms = perms - perms.mean(1, keepdims=True)
+    rho = perms @ rx / np.sqrt((perms ** 2).sum(1) * (rx ** 2).sum())
+    observed = abs(rho[0])  # the identity ordering comes first
+    return float(np.mean(np.abs(rho) >= observed - 1e-12))
 
 
 def correlate(tstddev: dict[str, Any], runs: RunSet, head: str = "peer0", metric: str = "nll") -> dict[str, Any]:
@@ -107,12 +138,12 @@ def correlate(tstddev: dict[str, Any], runs: RunSet, head: str = "peer0", metric
 
 
 def format_study(study: dict[str, Any]) -> str:
-    rows = [f"{'augmentation':<40}{'T. stddev':>12}{'S. test ' + study['metric']:>16}{'seeds':>7}"]
-    for p in study["points"]:
-        rows.append(f"{p['aug']:<40}{p['t_stddev']:>12.6f}{p['loss']:>10.4f} ± {p['loss_std']:<4.3f}{p['seeds']:>6}")
+    cells = [[p["aug"], f"{p['t_stddev']:.6f}", f"{p['loss']:.4f} ± {p['loss_std']:.3f}", str(p["seeds"])]
+             for p in study["points"]]
+    rows = text_table(["augmentation", "T. stddev", f"S. test {study['metric']}", "seeds"], cells, "lrrr")
     rows.append("")
-    rows += [f"{name:<9} {study[name]['r']:+.4f}  (p = {_p(study[name]['p'])})"
-             for name in ("pearson", "spearman", "kendall")]
+    rows += [f"{name:<9} {study[name]['r']:+.4f}  (p = {_p(study[name]['p'])}"
+             f"{', exact' if study[name].get('exact') else ''})" for name in ("pearson", "spearman", "kendall")]
     return "\n".join(rows)
 
 

@@ -80,7 +80,7 @@ def _plot_accuracy(history: list[dict[str, Any]], path: Path) -> Path:
         shown = [s for s in _SPLITS if s in splits]
         ax.legend([Line2D([], [], color="black", **_SPLITS[s]) for s in shown], shown, loc="upper left",
                   fontsize=7, handlelength=3)  # long handles so the dashes show
-    _epoch_axis(ax, xs_all)
+    epoch_axis(ax, xs_all)
     return _save(fig, ax, path)
 
 
@@ -109,12 +109,13 @@ def _plot_losses(records: list[dict[str, Any]], path: Path, per_step: bool) -> P
            title=f"Loss terms ({'logged steps' if per_step else 'epoch means'})")
     if xs_all:
         ax.legend(fontsize=7, ncol=2)
-    _epoch_axis(ax, xs_all)
+    epoch_axis(ax, xs_all)
     return _save(fig, ax, path)
 
 
-def _epoch_axis(ax: plt.Axes, epochs: list[float]) -> None:
-    """Whole-epoch ticks on a view at least one epoch wide (one epoch would otherwise read 0.945…1.055)."""
+def epoch_axis(ax: plt.Axes, epochs: list[float]) -> None:
+    """Whole-epoch ticks on a view at least one epoch wide (one epoch would otherwise read 0.945…1.055): the
+    x axis of every per-epoch plot (a run's curves, a study's)."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if epochs and max(epochs) - min(epochs) < 1:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .plots import _save, plt
 
@@ -56,7 +57,9 @@ def plot_ood_scores(raw: dict[str, Any], path: Path, head: str | None = None) ->
             ax.hist(s_out, bins=bins, alpha=0.55, color="C3", label=name, density=True)
             ax.set_title(f"{score} · {name}", fontsize=8)
             ax.set_yticks([])  # densities: only the shapes matter
-            ax.ticklabel_format(axis="x", useOffset=False)  # ODIN at T = 1000 lives just above 1/K
+            # ODIN at T = 1000 lives just above 1/K: its ticks need every digit (no offset), so few of them
+            ax.ticklabel_format(axis="x", useOffset=False)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3, min_n_ticks=2))
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)

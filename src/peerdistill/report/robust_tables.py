@@ -3,24 +3,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from .text import plural, text_table
 
-def _num(v: Any, width: int = 8, digits: int = 2) -> str:
-    return f"{v:>{width}.{digits}f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
+def _num(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
 def adversarial_table(part: dict[str, Any]) -> str:
     res, s = part["results"], part["settings"]
     attacks = [a for a in ("fgsm", "pgd") if a in res]
     eps = [k for k in next(iter(res[attacks[0]].values()))] if attacks else []
-    cols = [f"{a.upper()} {e.split('/')[0]}" for a in attacks for e in eps]
-    lines = [f"adversarial top-1 (%), {s['adv_limit']} test images, eps in 1/255 of the [0, 1] range, "
-             f"PGD {s['pgd_steps']} steps{'' if s['pgd_random_start'] else ', no random start'}",
-             f"{'head':<12}{'clean':>8}" + "".join(f"{c:>10}" for c in cols)
-             + (f"{'authors':>10}" if "fgsm_authors" in res else "")]
-    for head, clean in res["clean"].items():
-        row = f"{head:<12}{_num(clean)}" + "".join(_num(res[a][head][e], 10) for a in attacks for e in eps)
-        lines.append(row + (_num(res["fgsm_authors"][head], 10) if "fgsm_authors" in res else ""))
-    if "fgsm_authors" in res:
+    authors = "fgsm_authors" in res
+    header = ["head", "clean", *(f"{a.upper()} {e.split('/')[0]}" for a in attacks for e in eps)]
+    rows = [[head, _num(clean), *(_num(res[a][head][e]) for a in attacks for e in eps)]
+            for head, clean in res["clean"].items()]
+    if authors:
+        header.append("authors")
+        for row in rows:
+            row.append(_num(res["fgsm_authors"][row[0]]))
+    lines = [f"adversarial top-1 (%), {plural(s['adv_limit'], 'test image')}, eps in 1/255 of the [0, 1] range, "
+             f"PGD {plural(s['pgd_steps'], 'step')}{'' if s['pgd_random_start'] else ', no random start'}",
+             *text_table(header, rows, "l" + "r" * (len(header) - 1))]
+    if authors:
         lines.append(f"authors: IBM ART FGSM eps={s['authors_eps']:g} on normalised inputs, clipped to (0, 1), "
                      "against the predicted labels (SD-Dropout's _3_adv_robust.py)")
     return "\n".join(lines)
@@ -29,22 +34,19 @@ def adversarial_table(part: dict[str, Any]) -> str:
 def corruption_table(part: dict[str, Any]) -> str:
     res, s = part["results"], part["settings"]
     sev = s["severities"]
-    lines = [f"corruption top-1 (%), {s['corruption_limit']} test images, source {s['corruption_source']}"]
+    lines = [f"corruption top-1 (%), {plural(s['corruption_limit'], 'test image')}, source {s['corruption_source']}"]
     for head, clean in res["clean"].items():
         lines.append(f"\nhead {head}: clean {clean:.2f}, mCA {res['mca'][head]:.2f} "
-                     f"(mean over {len(res['families'])} families of the severity mean)")
-        lines.append(f"{'family':<20}" + "".join(f"{'s' + str(k):>8}" for k in sev) + f"{'mean':>8}")
-        for fam, r in res["families"].items():
-            lines.append(f"{fam:<20}" + "".join(_num(r[head]["severity"][str(k)]) for k in sev)
-                         + _num(r[head]["mean"]))
+                     f"(mean over {plural(len(res['families']), 'family', 'families')} of the severity mean)")
+        rows = [[fam, *(_num(r[head]["severity"][str(k)]) for k in sev), _num(r[head]["mean"])]
+                for fam, r in res["families"].items()]
+        lines += text_table(["family", *(f"s{k}" for k in sev), "mean"], rows, "l" + "r" * (len(sev) + 1))
     return "\n".join(lines)
 
 
 def ood_table(part: dict[str, Any]) -> str:
     res, s = part["results"], part["settings"]
-    lines = [f"OOD detection (%), in-distribution: {res['in_distribution']}; ODIN T={s['odin_temperature']:g}, "
-             f"eps={s['odin_eps']:g} ({s['odin_space']}); energy T={s['energy_temperature']:g}",
-             f"{'OOD set':<16}{'head':<12}{'score':<8}{'AUROC':>8}{'AUPR-in':>9}{'AUPR-out':>10}{'FPR95':>8}"]
+    rows = []
     for name, per in res.items():
         if name == "in_distribution":
             continue
@@ -53,9 +55,12 @@ def ood_table(part: dict[str, Any]) -> str:
                 continue
             for score, m in scores.items():
                 m = m or {}
-                lines.append(f"{name:<16}{head:<12}{score:<8}{_num(m.get('auroc'))}{_num(m.get('aupr_in'), 9)}"
-                             f"{_num(m.get('aupr_out'), 10)}{_num(m.get('fpr95'))}")
-    return "\n".join(lines)
+                rows.append([name, head, score, *(_num(m.get(k)) for k in ("auroc", "aupr_in", "aupr_out", "fpr95"))])
+    return "\n".join([f"OOD detection (%), in-distribution: {res['in_distribution']}; "
+                      f"ODIN T={s['odin_temperature']:g}, eps={s['odin_eps']:g} ({s['odin_space']}); "
+                      f"energy T={s['energy_temperature']:g}",
+                      *text_table(["OOD set", "head", "score", "AUROC", "AUPR-in", "AUPR-out", "FPR95"], rows,
+                                  "lllrrrr")])
 
 
 def format_robust(res: dict[str, Any]) -> str:

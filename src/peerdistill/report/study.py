@@ -16,9 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .logger import read_jsonl  # noqa: E402
+from .plots import epoch_axis  # noqa: E402
 
 PEERS = "peers"  # a virtual head: the mean over the peer heads (peer0, peer1, ...) of each run
 _DECIMALS = {"nll": 3}  # NLL is in nats (small differences matter); top-1/top-5/ECE are percentages
@@ -202,6 +202,13 @@ def _delta(runs: list[RunResult], base: list[RunResult], col: Column, which: str
 def plot_bars(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], metric: str,
               which: str, path: Path) -> Path:
     """One panel per head: a bar per row (mean over seeds), error bars the seeds' std."""
+    return _save(_bars_figure(rows, results, heads, metric, which), path)
+
+
+def _bars_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], metric: str,
+                which: str) -> plt.Figure:
+    """The figure of :func:`plot_bars`. Every y axis starts at 0: a bar's height is its value, so the eye
+    compares the rows in proportion (a cut axis makes a 1-point difference look like a doubling)."""
     fig, axes = plt.subplots(1, len(heads), figsize=(max(3.2 * len(heads), 5), 4), squeeze=False)
     for ax, head in zip(axes[0], heads):
         vals = [[v for r in results.get(row.id, []) if (v := head_value(r.summary, head, metric, which)) is not None]
@@ -210,14 +217,9 @@ def plot_bars(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: 
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
         ax.bar(range(len(rows)), means, yerr=errs, capsize=3, color=[f"C{i % 10}" for i in range(len(rows))])
         ax.set_xticks(range(len(rows)), [_short(r.label) for r in rows], rotation=35, ha="right", fontsize=7)
-        finite = [m - e for m, e in zip(means, errs) if math.isfinite(m)]
-        if finite and metric in ("top1", "top5"):  # accuracies differ in the last points: do not start at 0
-            ax.set_ylim(bottom=max(min(finite) - 2.0, 0.0))
+        ax.set_ylim(bottom=0.0)
         ax.set(title=head, ylabel=f"test {metric}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_curves(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str], path: Path) -> Path:
@@ -226,8 +228,14 @@ def plot_curves(rows: list[StudyRow], results: dict[str, list[RunResult]], heads
     Epochs without evaluation (no ``test`` in the record) are skipped; an epoch's mean uses the seeds that
     evaluated it.
     """
+    return _save(_curves_figure(rows, results, heads), path)
+
+
+def _curves_figure(rows: list[StudyRow], results: dict[str, list[RunResult]], heads: list[str]) -> plt.Figure:
+    """The figure of :func:`plot_curves`."""
     fig, axes = plt.subplots(1, len(heads), figsize=(max(3.6 * len(heads), 5), 3.8), squeeze=False)
     for ax, head in zip(axes[0], heads):
+        epochs: list[float] = []
         for i, row in enumerate(rows):
             xs, means, stds = _curve(results.get(row.id, []), head)
             if not xs:
@@ -235,10 +243,15 @@ def plot_curves(rows: list[StudyRow], results: dict[str, list[RunResult]], heads
             ax.plot(xs, means, color=f"C{i % 10}", marker="o" if len(xs) < 30 else None, ms=3, label=_short(row.label))
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=f"C{i % 10}", alpha=0.2, lw=0)
+            epochs += xs
         ax.set(title=head, xlabel="epoch", ylabel="test top-1 (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, epochs)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=6, loc="lower right")
+    return fig
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -108,7 +108,8 @@ def group_runs(runs: RunSet, which: str = "final") -> dict[str, list[Run]]:
 
 
 def markdown_table(runs: RunSet, which: str = "final") -> str:
-    """One row per experiment: peer mean / best peer / ensemble test top-1, peer ECE, seconds per epoch.
+    """One row per experiment: how many seeds it pools, peer mean / best peer / ensemble test top-1, peer ECE,
+    seconds per epoch.
 
     Below the table: a warning for each row that pools runs with the same seed, and the skipped
     directories.
@@ -163,7 +164,7 @@ def _row(label: str, group: list[Run], which: str) -> str:
     per_run = [_run_numbers(r.summary, which) for r in group]
     cells = [_ms([m[col] for m in per_run if col in m]) for col in ("peer_mean", "peer_best", "ensemble", "ece")]
     seeds = [r.config.get("seed") for r in group]
-    seed_cell = ",".join(map(str, seeds)) + (" ⚠" if len(set(seeds)) < len(seeds) else "")
+    seed_cell = f"{len(seeds)}" + (" ⚠" if len(set(seeds)) < len(seeds) else "")  # counted, as in study.md
     secs = _numbers(r.epoch_s for r in group)
     return f"| {label} | {seed_cell} | {' | '.join(cells)} | {f'{statistics.mean(secs):.1f}' if secs else '–'} |"
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import PeerdistillError
 from ..report.logger import write_json
+from ..report.text import plural
 
 RECORD = "sweep-run.json"  # per run: one entry per attempt (start, wall time, exit status, where)
 LOG = "train.log"
@@ -47,7 +48,7 @@ class Plan:
     def describe(self) -> str:
         per = f"{self.nproc} processes × " if self.nproc > 1 else ""
         dev = f", GPUs {' | '.join(self.gpus)}" if self.gpus else ""
-        return f"{self.slots} slot{'s' * (self.slots != 1)} × {per}{self.threads} thread{'s' * (self.threads != 1)}{dev}"
+        return f"{plural(self.slots, 'slot')} × {per}{plural(self.threads, 'thread')}{dev}"
 
 
 def usable_cores() -> int:
@@ -80,7 +81,8 @@ def plan_slots(todo: int, cores: int, slots: int | None = None, threads: int | N
     n = max(1, min(slots or max(cores // (nproc * (threads or 1)), 1), max(todo, 1)))
     k = threads or max(cores // (n * nproc), 1)
     if n * k * nproc > cores:
-        raise PeerdistillError(f"{n} slots × {nproc * k} threads ({nproc} processes × {k}) = {n * k * nproc} "
+        raise PeerdistillError(f"{plural(n, 'slot')} × {plural(nproc * k, 'thread')} "
+                               f"({plural(nproc, 'process', 'processes')} × {k}) = {n * k * nproc} "
                                f"exceed the {cores} usable cores; lower --slots or --threads")
     return Plan(n, k, nproc, sets[:n] if gpus else [])
 
@@ -192,12 +194,16 @@ def spawn(job: Job, slot: int = 0) -> Started | None:
     return Started(job, proc, start, offset, lock, slot)
 
 
-def finish(run: Started, returncode: int) -> float:
-    """Record the attempt's end; returns its wall time in seconds."""
+# Exit statuses of a run stopped from outside: 130 (the CLI's answer to Ctrl-C / SIGINT) and death by a signal.
+_STOPPED = {130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL}
+
+
+def finish(run: Started, returncode: int, stopped: bool = False) -> float:
+    """Record the attempt's end (``stopped``: this process stopped it); returns its wall time in seconds."""
     wall = time.time() - run.start
     recs = attempts(run.job.dir)
     if recs and recs[-1].get("start") == run.start:
-        recs[-1].update(wall_s=wall, returncode=returncode, interrupted=False)
+        recs[-1].update(wall_s=wall, returncode=returncode, interrupted=stopped or returncode in _STOPPED)
         _save_attempts(run.job.dir, recs)
     os.close(run.lock)
     return wall
@@ -224,7 +230,7 @@ def execute(job: Job) -> dict[str, Any]:
     except BaseException:  # Slurm's time-limit signal, a cancel: let the run save and stop, then record it
         started.proc.send_signal(signal.SIGINT)
         rc = started.proc.wait()
-        finish(started, rc)
+        finish(started, rc, stopped=True)
         raise
     return {"returncode": rc, "wall_s": finish(started, rc), "tail": log_tail(job.dir, started.log_offset)}
 
@@ -291,4 +297,4 @@ class LocalLauncher:
                 time.sleep(0.1)
         for name in list(self.running):
             run = self.running.pop(name)
-            finish(run, run.proc.wait())
+            finish(run, run.proc.wait(), stopped=True)

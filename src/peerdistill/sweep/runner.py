@@ -27,6 +27,7 @@ from ..engine.run import ROBUST_PENDING
 from ..errors import PeerdistillError
 from ..report.logger import write_json
 from ..report.study import StudyRow, head_value, write_report
+from ..report.text import plural
 from .launch import CONFIG, Job, LocalLauncher, Outcome, Plan, is_busy, run_env, train_command
 from .launch import attempts as read_attempts
 from .slurm import SubmititLauncher
@@ -207,7 +208,7 @@ class _Session:
         self.prog.finished = sum(s == "finished" for s in self.states.values())
         counts = ", ".join(f"{sum(s == k for s in self.states.values())} {k}" for k in STATES
                            if k in self.states.values())
-        self.prog.say(f"study {self.study.name}: {len(self.study.runs)} runs ({counts}) in {self.study.out}; "
+        self.prog.say(f"study {self.study.name}: {plural(len(self.study.runs), 'run')} ({counts}) in {self.study.out}; "
                       f"{self.record['launcher']}: {self.record['plan']}")
         for name in (n for n, s in self.states.items() if s == "running"):
             self.prog.say(f"skip    {name}: running in another process")
@@ -249,7 +250,7 @@ class _Session:
         finished = sum(run_state(run_dir(study, r)) == "finished" for r in study.runs)
         print(report(study, _write_json(study, self.record), plots), file=prog.stream)
         failed = f"; failed: {', '.join(prog.failed)}" if prog.failed else ""
-        prog.say(f"{finished}/{len(study.runs)} runs finished{failed} · {study.out / 'study.md'}")
+        prog.say(f"{finished}/{plural(len(study.runs), 'run')} finished{failed} · {study.out / 'study.md'}")
         return finished == len(study.runs)
 
 
@@ -341,7 +342,8 @@ def dry_run(study: Study, plan: Plan, launcher: str, stream: TextIO | None = Non
             only: set[str] | None = None) -> dict[str, str]:
     """List the expanded runs with their state (``skipped``: not selected by ``only``)."""
     states = check_folders(study)
-    print(f"study {study.name}: {len(study.runs)} runs in {study.out}; {launcher}: {plan.describe()}", file=stream)
+    print(f"study {study.name}: {plural(len(study.runs), 'run')} in {study.out}; {launcher}: {plan.describe()}",
+          file=stream)
     width = max(len(r.name) for r in study.runs)
     for run in study.runs:
         label = ", ".join(f"{k}={value_text(v)}" for k, v in run.row.overrides.items())
