@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..params import Probability
 from .base import METHODS, DataInfo, Method, Needs, StepRecord, all_ranks
-from .functional import soft_ce
+from .functional import f32, soft_ce
 
 
 @METHODS.register("ps_kd")
@@ -57,5 +57,5 @@ class PSKD(Method):
     def update(self, rec: StepRecord) -> None:
         for i, (o, v) in enumerate(zip(rec.outputs, rec.views)):
             if v.mix is None:
-                index, probs = all_ranks(v.index, F.softmax(o.logits.detach().float(), dim=1))  # every rank stores every sample
+                index, probs = all_ranks(v.index, F.softmax(f32(o.logits.detach()), dim=1))  # every rank stores every sample
                 self.store[i, index] = probs
