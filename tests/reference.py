@@ -47,11 +47,14 @@ def checkpoint_after_one_epoch(tr: Trainer, path) -> Trainer:
 def as_float64(rec: StepRecord) -> StepRecord:
     """The record with every output in float64 (views and labels untouched): with the method moved to
     float64 too (``method.double()``), its losses are computed in float64 and can be checked against a
-    float64 reference to its precision, on any CPU."""
+    float64 reference to its precision, on any CPU. The outputs are new leaves (a gradient stops at them)."""
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().requires_grad_(t.requires_grad)
+
     def out(o: PeerOutput | None) -> PeerOutput | None:
         if o is None:
             return None
-        return PeerOutput(o.logits.double(), o.embedding.double(), {k: v.double() for k, v in o.maps.items()})
+        return PeerOutput(leaf(o.logits), leaf(o.embedding), {k: leaf(v) for k, v in o.maps.items()})
 
     def outs(os: list[PeerOutput | None] | None) -> list[PeerOutput | None] | None:
         return None if os is None else [out(o) for o in os]
