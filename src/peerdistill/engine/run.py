@@ -139,6 +139,7 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     finally:
         if logger is not None:
             logger.close()
+        trainer.release()
         teardown()
     return summary
 
