@@ -36,12 +36,14 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits(one_thread):
 def test_calibration_gap_has_the_sign_of_over_or_under_confidence(one_thread):
     labels = torch.tensor([0, 0, 1, 1])
     sharp = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [0.0, 9.0]])  # 75 % right, confidence ~1
-    flat = torch.tensor([[0.1, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.1]])  # 100 % right, confidence ~0.52
+    # 100 % right, confidence ~0.52; float64: checked against math.exp to float64 precision on any CPU
+    flat = torch.tensor([[0.1, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.1]], dtype=torch.float64)
     over, under = calibration.calibration(sharp, labels), calibration.calibration(flat, labels)
     assert over["top1"] == 75.0 and over["gap"] == pytest.approx(25.0, abs=0.1) and over["ece"] == pytest.approx(25.0, abs=0.1)
     p = math.exp(0.1) / (1 + math.exp(0.1))
-    assert under["gap"] == pytest.approx(100 * (p - 1)) and under["confidence"] == pytest.approx(100 * p)
-    assert under["logit_norm"] == pytest.approx(0.1 / math.sqrt(2))
+    assert under["gap"] == pytest.approx(100 * (p - 1), rel=1e-12)
+    assert under["confidence"] == pytest.approx(100 * p, rel=1e-12)
+    assert under["logit_norm"] == pytest.approx(0.1 / math.sqrt(2), rel=1e-12)
 
 
 def _fake_run(root: Path, name: str, eces: list[float]) -> Path:
