@@ -28,7 +28,6 @@ def _same(b: torch.Tensor, a: torch.Tensor, msg: str = "") -> None:
     torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=msg or None)
 
 
-@pytest.mark.numerical
 @pytest.mark.parametrize("model", ["resnet8", "wrn_16_1", "vgg8"])
 @pytest.mark.parametrize("distinct_views", [False, True])
 def test_fused_matches_loop_outputs_grads_and_bn_stats(model: str, distinct_views: bool) -> None:
@@ -58,7 +57,6 @@ def test_fused_matches_loop_outputs_grads_and_bn_stats(model: str, distinct_view
     assert tracked and set(tracked) == {1}
 
 
-@pytest.mark.numerical
 def test_fused_eval_uses_running_stats_and_leaves_them_alone() -> None:
     loop, fused = _pair()
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)

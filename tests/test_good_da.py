@@ -58,6 +58,7 @@ def context(gen, teacher=None, peer=None, channels=3):
 
 
 # ------------------------------------------------------------------ T. stddev
+@pytest.mark.numerical
 def test_t_stddev_of_fixed_teacher_outputs_is_the_hand_value():
     # two classes, group_iters=2, each iteration: (original, augmented) one row each
     iters = [([1, 0], [0, 1]), ([1, 0], [1, 0]),  # group 1: mean [0.75, 0.25]

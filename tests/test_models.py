@@ -81,7 +81,6 @@ def test_backward_reaches_every_parameter(name: str, cin: int, size: int, classe
     assert not missing, f"no gradient for {missing[:5]}"
 
 
-@pytest.mark.numerical
 @pytest.mark.parametrize("name", ALL)
 def test_channels_last(name: str) -> None:
     # float64: the two memory formats compute the same function, which float64 shows to its precision on any

@@ -135,6 +135,7 @@ def test_odin_perturbation_moves_against_the_gradient_of_the_predicted_class_los
     assert (OOD.odin(f, x, t, eps) >= OOD.odin(f, x, t, 0.0) - 1e-12).all()
 
 
+@pytest.mark.numerical
 def test_detection_metrics_known_cases():
     pytest.importorskip("sklearn")
     sep = OOD.detection_metrics(np.array([0.9, 0.8, 0.7]), np.array([0.1, 0.2]))
