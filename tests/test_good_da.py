@@ -15,7 +15,7 @@ import yaml
 from peerdistill.cli import main
 from peerdistill.config import load
 from peerdistill.data.augment import BatchAugment
-from peerdistill.data.augmentations import AUTOAUGMENT_EXTRA, aug_label, build_augmentation, to_uint8
+from peerdistill.data.augmentations import AUTOAUGMENT_EXTRA, PAPER_AUGS, aug_label, build_augmentation, to_uint8
 from peerdistill.data.mix import random_perm
 from peerdistill.data.pick import CutMixPick
 from peerdistill.data.views import ViewContext
@@ -109,6 +109,26 @@ def test_pixel_augmentations_work_on_the_exact_uint8_images_of_the_view():
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in wins)
     holes = build_augmentation("cutout")(x, ctx).x  # 16 px -> side 4, zero in normalised space
     assert all(0 < int((holes[i] == 0).all(0).sum()) <= 16 for i in range(8))
+
+
+def test_cutout_cuts_one_hole_per_batch_as_the_code_or_one_per_image():
+    """The authors' ``cutout`` (Good-DA ``helper/loops.py``) multiplies the batch by one (H, W) mask: the
+    default, and the paper's list; ``same_on_batch=false`` draws a location per image."""
+    x = torch.randn(16, 3, 16, 16) + 5.0  # no pixel is 0 before the cut
+
+    def hole_masks(aug, seed):
+        out = aug(x, context(torch.Generator().manual_seed(seed))[0]).x
+        return [(out[i] == 0).all(0) for i in range(16)]  # (H, W) per image
+
+    code, per_image = build_augmentation("cutout"), build_augmentation("cutout", {"same_on_batch": False})
+    assert "cutout" in PAPER_AUGS and aug_label("cutout", {"same_on_batch": True}) == "cutout"
+    for seed in range(5):
+        masks = hole_masks(code, seed)
+        assert masks[0].any() and all(torch.equal(m, masks[0]) for m in masks)  # one location for all
+        assert int(masks[0].sum()) <= 16 and bool((x * ~masks[0] == code(x, context(
+            torch.Generator().manual_seed(seed))[0]).x).all())  # nothing else changes
+    spread = [len({tuple(m.nonzero()[0].tolist()) for m in hole_masks(per_image, s)}) for s in range(5)]
+    assert max(spread) > 1  # per image: different locations within a batch
 
 
 def test_autoaugment_shape_dtype_and_determinism_under_a_seed():
@@ -306,7 +326,9 @@ def test_tstddev_and_correlate_commands_end_to_end(teacher_dir, tmp_path, capsys
     assert ts == sorted(ts) and all(v > 0 for v in ts)
     assert "rank" in capsys.readouterr().out
     assert main([*argv[:2], "--epochs", "2", "--batch-size", "8", "--no-progress", "--out", str(out)]) == 0
-    assert len(json.loads(out.read_text())["results"]) >= 6  # the paper's list without a student
+    paper = {r["aug"]: r for r in json.loads(out.read_text())["results"]}
+    assert len(paper) >= 6  # the paper's list without a student
+    assert paper["cutout"]["params"] == {"length": 0, "same_on_batch": True}  # every parameter: provenance
     if not _has("scipy"):
         return
     runs = []

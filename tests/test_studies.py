@@ -116,3 +116,15 @@ def test_budget_section_tells_a_rising_test_loss_from_a_falling_one(tmp_path):
     assert "| budget, independent | 40 | 0.250 | 0.580 | 2.00 | 80.00 |" in text
     assert "_Study `budget` has not been run yet._" in text  # no study.md: the table waits for the sweep
     assert "- DML > independent peers (top-1): **not run yet** — 0 vs 0 finished runs." in text
+
+
+def test_tstddev_table_marks_a_cutout_row_measured_per_image(tmp_path):
+    """tstddev files from before cutout recorded its parameters cut one hole per image: the document says so."""
+    rows = [{"aug": "cutout", "t_stddev": 0.01, "entropy": 0.2, "groups": 3}, {"aug": "flip", "t_stddev": 0.02,
+                                                                              "entropy": 0.1, "groups": 3}]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"results": rows}))
+    new.write_text(json.dumps({"results": [{**rows[0], "params": {"length": 0, "same_on_batch": True}}, rows[1]]}))
+    marked = results._tstddev_table(old, {})
+    assert "| cutout (per image)¹ |" in marked and "`cutout:same_on_batch=false`" in marked
+    assert "¹" not in results._tstddev_table(new, {}) and "| cutout |" in results._tstddev_table(new, {})
