@@ -28,7 +28,7 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.metrics import corruptions as CR
 from peerdistill.metrics import image_ops as ops
 from peerdistill.metrics import ood as OOD
-from peerdistill.metrics.robustness import fgsm, input_gradient, pgd
+from peerdistill.metrics.robustness import fgsm, fgsm_normalised, input_gradient, pgd
 
 from .conftest import tiny_cfg
 from .reference import close32
@@ -61,6 +61,27 @@ def test_fgsm_on_a_linear_model_is_the_closed_form():
     # the clip: a pixel at 1 pushed up stays at 1
     edge = fgsm(lambda v: v.flatten(1)[:, :2] * torch.tensor([1.0, -1.0]), torch.ones(1, 2), torch.tensor([1]), 0.5)
     assert edge.max() <= 1.0 and edge.min() >= 0.0
+
+
+def test_authors_fgsm_runs_in_the_authors_normalisation():
+    """SD-Dropout's ART FGSM: eps = 0.2 in units of *their* normalised tensor, clip (0, 1) there. On CIFAR
+    (their std 0.2023, 0.1994, 0.2010) that is 0.2 x std in pixels per channel, ~10.3/255, not the 13.6/255
+    that the true CIFAR-100 statistics would give, and the clip box is [mean, mean + std]."""
+    true = torch.tensor([0.5071, 0.4865, 0.4409]).view(3, 1, 1), torch.tensor([0.2673, 0.2564, 0.2762]).view(3, 1, 1)
+    name, mean, std = R.authors_normalisation("cifar100", *true)
+    assert name == "cifar" and std.flatten().tolist() == pytest.approx([0.2023, 0.1994, 0.2010])
+    assert R.authors_normalisation("fashion-mnist", true[0][:1], true[1][:1])[0] == "run"  # grey: no counterpart
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3 * 2 * 2, generator=g, dtype=torch.float64)
+    x = torch.rand(6, 3, 2, 2, generator=g, dtype=torch.float64)
+    mean64, std64 = mean.double(), std.double()
+    adv = fgsm_normalised(_linear(w, torch.zeros(4, dtype=torch.float64)), x, 0.2, mean64, std64)
+    lo, hi = mean64.expand_as(x), (mean64 + std64).expand_as(x)
+    step = (adv - x).abs()
+    inside = (adv > lo + 1e-9) & (adv < hi - 1e-9)  # not clipped: moved by exactly eps * std of its channel
+    assert inside.any() and torch.allclose(step[inside], (0.2 * std64.expand_as(x))[inside], rtol=1e-12)
+    assert bool(((adv >= lo - 1e-12) & (adv <= hi + 1e-12)).all())  # the clip box in pixels
+    assert 0.2 * 0.2023 * 255 == pytest.approx(10.32, abs=0.01)
 
 
 def _toy_net() -> torch.nn.Module:
@@ -311,6 +332,8 @@ def test_cli_eval_robustness_end_to_end(runs, capsys):
     store = json.loads((held / "eval.json").read_text())["checkpoints"]["last.pt"]
     adv = next(iter(store["adversarial"].values()))["results"]
     assert set(adv["clean"]) == {"peer0", "peer1", "ensemble"} and set(adv["pgd"]["ensemble"]) == {"2/255", "8/255"}
+    setting = adv["fgsm_authors_setting"]  # an RGB set other than CIFAR: the authors' ImageNet normalisation
+    assert setting["normalisation"] == "imagenet" and setting["pixel_eps_255"] == pytest.approx([11.679, 11.424, 11.475])
     assert all(adv["pgd"][h]["8/255"] <= adv["clean"][h] for h in adv["clean"])
     cor = next(iter(store["corruptions"].values()))["results"]
     assert set(cor["families"]) == {"contrast", "gaussian_noise"} and set(cor["mca"]) == set(adv["clean"])

@@ -21,8 +21,11 @@ def adversarial_table(part: dict[str, Any]) -> str:
         row = f"{head:<12}{_num(clean)}" + "".join(_num(res[a][head][e], 10) for a in attacks for e in eps)
         lines.append(row + (_num(res["fgsm_authors"][head], 10) if "fgsm_authors" in res else ""))
     if "fgsm_authors" in res:
-        lines.append(f"authors: IBM ART FGSM eps={s['authors_eps']:g} on normalised inputs, clipped to (0, 1), "
-                     "against the predicted labels (SD-Dropout's _3_adv_robust.py)")
+        a = res.get("fgsm_authors_setting", {})
+        pixels = (f" ({a['normalisation']} normalisation: {'/'.join(f'{v:.1f}' for v in a['pixel_eps_255'])}/255 "
+                  f"in pixels per channel)") if a else ""
+        lines.append(f"authors: IBM ART FGSM eps={s['authors_eps']:g} on normalised inputs{pixels}, clipped to (0, 1) "
+                     "there, against the predicted labels (SD-Dropout's _3_adv_robust.py)")
     return "\n".join(lines)
 
 
