@@ -187,10 +187,13 @@ def test_okddip_eval_heads_are_the_peers_their_ensemble_and_the_leader(okddip_de
     tr = okddip_default
     rec = record(tr)
     heads = tr.method.eval_heads(rec.outputs)
-    assert set(heads) == {"peer0", "peer1", "peer2", "ensemble", "leader"}
+    assert set(heads) == {"peer0", "peer1", "peer2", "ensemble", "logit_ensemble", "leader"}
     assert torch.equal(heads["leader"], rec.outputs[3].logits)
     probs = sum(torch.softmax(o.logits.detach(), 1) for o in rec.outputs[:3]) / 3  # leader excluded
     assert close32(heads["ensemble"].exp(), probs, 1.0)  # probabilities: magnitude 1
+    # the official train_GL.py logs torch.mean(output_batch, dim=2): the peers' mean logits, leader excluded
+    z = torch.stack([o.logits.detach().double() for o in rec.outputs[:3]])
+    assert close32(heads["logit_ensemble"], z.mean(0), z.abs().amax(0))
 
 
 # ------------------------------------------------------------------ KDCL

@@ -30,7 +30,8 @@ class OKDDip(Method):
 
     The official default is 4 networks (3 peers + the leader): set ``peers=4`` (the presets do); at
     least 3 are needed. Evaluated heads: ``peer0..peer{m-2}`` (the auxiliary peers), ``ensemble`` (their
-    probability ensemble, leader excluded, as the official code logs it) and ``leader`` (deployed).
+    probability ensemble, leader excluded, the engine's convention), ``logit_ensemble`` (the mean of their
+    logits: the ensemble the official ``train_GL.py`` logs) and ``leader`` (deployed).
 
     Args:
         temperature: T of both KD levels.
@@ -86,6 +87,7 @@ class OKDDip(Method):
         *peers, leader = outputs
         heads = {f"peer{i}": o.logits for i, o in enumerate(peers)}
         heads["ensemble"] = ensemble_log_probs([o.logits for o in peers])
+        heads["logit_ensemble"] = mean_logits([o.logits for o in peers])  # the official code's ensemble
         heads["leader"] = leader.logits
         heads.update({f"ema{i}": o.logits for i, o in enumerate(ema or [])})
         return heads
