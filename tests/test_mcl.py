@@ -13,6 +13,7 @@ import torch
 from peerdistill.config import load
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
+from peerdistill.data.samplers import MPerClassSampler
 from peerdistill.methods.contrastive import bank_logits, batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
@@ -215,6 +216,46 @@ def test_batches_are_m_per_class():
             n += 1
         assert n == len(tr.train_loader) > 3
     assert trainer("method.contrast=bank").method.needs.sampler.describe() == "random"  # the ImageNet code
+
+
+def test_per_batch_sampling_draws_afresh_for_every_batch_as_the_code():
+    """The code's MPerClassSampler draws 2 images of batch/2 classes afresh for every batch, N // B batches an
+    epoch: the same make-up, but images repeat within an epoch; ours covers every image once."""
+    labels = np.repeat(np.arange(10), 20)  # 200 images of 10 classes
+    for classes in (10, 2):  # more classes than the 4 groups of a batch of 8, and fewer
+        lab = labels % classes
+        cover = MPerClassSampler(2).epoch(lab, 8, 1, seed=0, epoch=0)
+        drawn = MPerClassSampler(2, per_batch=True).epoch(lab, 8, 1, seed=0, epoch=0)
+        assert drawn.shape == (25, 8) and len(set(cover.flatten().tolist())) == cover.numel()
+        assert len(set(drawn.flatten().tolist())) < drawn.numel()  # a fresh draw per batch repeats images
+        for row in drawn:
+            counts = np.bincount(lab[row.numpy()], minlength=classes)
+            assert set(counts.tolist()) <= ({0, 2} if classes == 10 else {0, 2, 4, 6, 8}), counts
+        assert not torch.equal(drawn, MPerClassSampler(2, per_batch=True).epoch(lab, 8, 1, seed=0, epoch=1))
+    tr = trainer("method.sampling=per_batch", "data.num_classes=10", "data.size=200")
+    assert tr.method.needs.sampler.per_batch and "drawn per batch" in tr.method.needs.sampler.describe()
+    assert all(bool((torch.bincount(b.labels) % 2 == 0).all()) for b in tr.train_loader)
+    with pytest.raises(PeerdistillError, match="contrast=batch"):
+        trainer("method.contrast=bank", "method.sampling=per_batch")
+
+
+@pytest.mark.numerical
+def test_logit_distill_imagenet_rule_distils_the_last_net_from_the_undetached_mean():
+    """main_imagenet.py: only the last network distils, from the mean of the logits, not detached; it is
+    the default of the bank form (the ImageNet code), main_cifar.py's rule that of the in-batch form."""
+    assert trainer("method.contrast=bank").method.logit_rule == "imagenet"
+    assert trainer().method.logit_rule == "cifar"
+    tr = trainer("peers=2", "method.logit_distill=true", "method.logit_rule=imagenet", "method.alpha=0",
+                 "method.beta=0", "method.gamma=0", "method.lam=0")
+    rec = record(tr)
+    terms = tr.method.losses(rec)
+    assert sorted(terms) == ["ce0", "ce1", "kd1"]  # a pair, yet only the last net distils
+    z = [o.logits.detach().double().numpy() for o in rec.outputs]
+    exact = tr.method.double().losses(as_float64(rec))["kd1"]
+    tr.method.float()
+    assert float(exact.detach()) == pytest.approx(np_kd(z[1], (z[0] + z[1]) / 2, T), rel=1e-10)
+    terms["kd1"].backward()  # the mean is not detached: the KD trains network 0 too
+    assert all(any(p.grad is not None and p.grad.any() for p in net.parameters()) for net in tr.cohort.nets)
 
 
 def test_mcl_x4_shares_stem_and_first_stage_and_heterogeneous_pairs_work():
