@@ -183,6 +183,22 @@ def test_pcl_cohort_views_and_ema_outputs(pcl_trainer):
     assert {"peer0", "peer1", "peer2", "ensemble", "ema0", "ema1", "ema2", "ens_teacher"} <= set(heads)
 
 
+@pytest.mark.parametrize("name", ["pcl", "dkel"])
+def test_branch_classifiers_start_independent_or_as_the_codes_copies(name):
+    """The PCL / DKEL code deep-copies branch 1 and re-initialises only its convolutions, so the branches'
+    classifiers start identical: ``classifier_init=copy``; the default initialises each on its own."""
+    def classifiers(*over):
+        tr = make_trainer(f"method={name}", *over)
+        return ([n.classifier.state_dict() for n in tr.cohort.nets],
+                [n.classifier.state_dict() for n in tr.ema.module.nets])
+
+    own, _ = classifiers()
+    assert not torch.equal(own[0]["weight"], own[1]["weight"])
+    copied, ema = classifiers("method.classifier_init=copy")
+    for c in (*copied[1:], *ema):  # the EMA copy is taken after the method set the cohort up
+        assert all(torch.equal(c[k], copied[0][k]) for k in ("weight", "bias"))
+
+
 def test_pcl_gradient_routing(pcl_trainer):
     tr = pcl_trainer
     fc = list(tr.method.ensemble_fc.parameters())
