@@ -173,6 +173,25 @@ def test_detection_metrics_known_cases():
                                   "fpr95": 50.0})
 
 
+@pytest.mark.numerical
+def test_fpr95_conventions_on_a_hand_case():
+    """``highest`` (default): OOD share at or above the highest threshold keeping 95 % of the in-distribution
+    scores; ``odin``: ODIN's calMetric.tpr95, the mean OOD share strictly above the thresholds whose TPR is
+    95 % +- 0.05 points, every threshold weighted alike (the limit of its grid)."""
+    pytest.importorskip("sklearn")
+    s_in = np.arange(1, 21) / 20  # 0.05 .. 1.00: TPR is exactly 95 % for thresholds in (0.05, 0.10]
+    s_out = np.array([0.06, 0.07, 0.08, 0.2, 0.01])
+    assert OOD.detection_metrics(s_in, s_out)["fpr95"] == pytest.approx(20.0)  # threshold 0.10: only 0.2
+    # (0.05, 0.06): 4 of 5 above; (0.06, 0.07): 3; (0.07, 0.08): 2; (0.08, 0.10): 1 -> widths .01 .01 .01 .02
+    odin = 100 * (0.8 * 0.01 + 0.6 * 0.01 + 0.4 * 0.01 + 0.2 * 0.02) / 0.05
+    assert OOD.detection_metrics(s_in, s_out, fpr_rule="odin")["fpr95"] == pytest.approx(odin)  # 44 points
+    assert math.isnan(OOD.fpr_odin(np.arange(7.0), s_out))  # no threshold gives a TPR of 95 % +- 0.05
+    opt = R.options_from_mapping({"ood": True, "fpr_rule": "odin"})
+    assert opt.fpr_rule == "odin" and R._settings(opt, "ood")["fpr_rule"] == "odin"
+    with pytest.raises(PeerdistillError, match="unknown FPR rule 'lowest'"):
+        R.options_from_mapping({"ood": True, "fpr_rule": "lowest"}).check()
+
+
 # ---------------------------------------------------------------------------------------- corruptions
 def _families() -> list[str]:
     return [f for f in CR.ALL if f not in CR.NEEDS_EXTRA or (HAVE_FROST if f == "frost" else HAVE_CV2)]

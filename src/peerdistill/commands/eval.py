@@ -41,7 +41,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
                       ood=every or args.ood, fgsm_authors=args.fgsm_authors, seed=args.seed,
                       pgd_random_start=not args.no_random_start, plots=not args.no_plots,
                       corruption_source=args.corruption_source, corruptions_npy=args.corruptions_npy,
-                      odin_space=args.odin_space, ood_root=args.ood_root)
+                      odin_space=args.odin_space, ood_root=args.ood_root, fpr_rule=args.fpr_rule)
     if args.fgsm_authors and not (o.adversarial or o.corruptions or o.ood):
         o.adversarial = True
     for name in ("adv_limit", "corruption_limit", "ood_limit"):
@@ -165,5 +165,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--odin-space", choices=("pixel", "normalised"), default="pixel",
                    help="pixel: eps on [0, 1] images, as ODIN's code; normalised: on the normalised tensor")
     o.add_argument("--energy-temperature", metavar="T", help="energy temperature (default 1)")
+    o.add_argument("--fpr-rule", choices=("highest", "odin"), default="highest",
+                   help="FPR95's threshold: highest (the highest keeping 95%% of the in-distribution scores) or "
+                        "odin (ODIN's: the mean FPR over the thresholds whose TPR is 95%% +- 0.05 points)")
     shaping = [act for group in (g, a, c, o) for act in group._group_actions if act.dest not in PARTS]
     e.set_defaults(fn=run, robust_only={act.dest: act.default for act in shaping})  # alone, they would do nothing

@@ -74,6 +74,7 @@ class RobustOptions:
     odin_eps: float = OOD.ODIN_EPS
     odin_space: str = "pixel"  # "pixel": eps in [0, 1] units, as ODIN's code; "normalised": on the normalised tensor
     energy_temperature: float = 1.0
+    fpr_rule: str = "highest"  # FPR95's threshold rule: "highest" (ours) or "odin" (ODIN's calMetric)
     heads: list[str] | None = None
     seed: int = 0
     batch_size: int = 250
@@ -100,6 +101,7 @@ class RobustOptions:
             raise PeerdistillError(f"--severities must be in 1..5, got {self.severities}")
         _members([self.corruption_source], ("builtin", "imagecorruptions"), "corruption source")
         _members([self.odin_space], ("pixel", "normalised"), "ODIN space")
+        _members([self.fpr_rule], OOD.FPR_RULES, "FPR rule")
 
 
 def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
@@ -337,7 +339,8 @@ def ood(ev: Evaluated, opt: RobustOptions, heads: list[str],
     raw: dict[str, Any] = {"in": in_scores, "out": {}}
     for name, images in sets.items():
         raw["out"][name] = {h: _scores(ev, images, h, opt) for h in heads}
-        res[name] = {"images": len(images), **{h: {s: _metrics(in_scores[h][s], raw["out"][name][h][s])
+        out = raw["out"][name]
+        res[name] = {"images": len(images), **{h: {s: _metrics(in_scores[h][s], out[h][s], opt.fpr_rule)
                                                     for s in opt.scores} for h in heads}}
     return res, raw
 
@@ -360,10 +363,10 @@ def _scores(ev: Evaluated, images: np.ndarray, head: str, opt: RobustOptions) ->
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float] | None:
+def _metrics(s_in: np.ndarray, s_out: np.ndarray, rule: str) -> dict[str, float] | None:
     if np.isnan(s_in).any() or np.isnan(s_out).any():
         return None  # energy of a head that outputs log-probabilities (an ensemble): not defined
-    return OOD.detection_metrics(s_in, s_out)
+    return OOD.detection_metrics(s_in, s_out, fpr_rule=rule)
 
 
 # ------------------------------------------------------------------------------------- the driver
@@ -387,7 +390,7 @@ def _settings(opt: RobustOptions, part: str) -> dict[str, Any]:
         keep, extra = ["families", "severities", "corruption_limit", "corruption_source", "corruptions_npy"], {}
     else:
         keep = ["ood_data", "ood_root", "ood_limit", "scores", "odin_temperature", "odin_eps", "odin_space",
-                "energy_temperature"]
+                "energy_temperature", "fpr_rule"]
         extra = {}
     return {**{k: d[k] for k in keep}, **extra, **common}
 

@@ -46,7 +46,9 @@ def corruption_table(part: dict[str, Any]) -> str:
 def ood_table(part: dict[str, Any]) -> str:
     res, s = part["results"], part["settings"]
     lines = [f"OOD detection (%), in-distribution: {res['in_distribution']}; ODIN T={s['odin_temperature']:g}, "
-             f"eps={s['odin_eps']:g} ({s['odin_space']}); energy T={s['energy_temperature']:g}",
+             f"eps={s['odin_eps']:g} ({s['odin_space']}); energy T={s['energy_temperature']:g}; FPR95 at the "
+             + ("highest threshold keeping 95 % of the in-distribution scores" if s.get("fpr_rule", "highest")
+                == "highest" else "mean over the thresholds with TPR 95 % ± 0.05 (ODIN's)"),
              f"{'OOD set':<16}{'head':<12}{'score':<8}{'AUROC':>8}{'AUPR-in':>9}{'AUPR-out':>10}{'FPR95':>8}"]
     for name, per in res.items():
         if name == "in_distribution":
