@@ -186,6 +186,7 @@ def test_fpr95_conventions_on_a_hand_case():
     odin = 100 * (0.8 * 0.01 + 0.6 * 0.01 + 0.4 * 0.01 + 0.2 * 0.02) / 0.05
     assert OOD.detection_metrics(s_in, s_out, fpr_rule="odin")["fpr95"] == pytest.approx(odin)  # 44 points
     assert math.isnan(OOD.fpr_odin(np.arange(7.0), s_out))  # no threshold gives a TPR of 95 % +- 0.05
+    assert OOD.detection_metrics(np.arange(7.0), s_out, fpr_rule="odin")["fpr95"] is None  # JSON null
     opt = R.options_from_mapping({"ood": True, "fpr_rule": "odin"})
     assert opt.fpr_rule == "odin" and R._settings(opt, "ood")["fpr_rule"] == "odin"
     with pytest.raises(PeerdistillError, match="unknown FPR rule 'lowest'"):

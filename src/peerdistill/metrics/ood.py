@@ -76,7 +76,7 @@ FPR_RULES = ("highest", "odin")
 
 
 def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 0.95,
-                      fpr_rule: str = "highest") -> dict[str, float]:
+                      fpr_rule: str = "highest") -> dict[str, float | None]:
     """AUROC, AUPR-in, AUPR-out and the FPR at ``tpr`` recall of the in-distribution set, all in %.
 
     AUPR-in ranks in-distribution samples as positives by the score; AUPR-out ranks the OOD samples
@@ -99,7 +99,7 @@ def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 
     return {"auroc": 100 * float(skm.roc_auc_score(y, s)),
             "aupr_in": 100 * float(skm.average_precision_score(y, s)),
             "aupr_out": 100 * float(skm.average_precision_score(1 - y, -s)),
-            f"fpr{round(100 * tpr)}": 100 * float(at)}
+            f"fpr{round(100 * tpr)}": None if math.isnan(at) else 100 * float(at)}  # None: no such threshold
 
 
 def fpr_odin(s_in: np.ndarray, s_out: np.ndarray, tpr: float = 0.95, band: float = 5e-4) -> float:
