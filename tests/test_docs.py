@@ -41,8 +41,8 @@ def examples(path: Path) -> list[str]:
     for i, block in enumerate(re.split(r"^```.*$", text, flags=re.M)):
         if i % 2:  # inside a fence
             out += [ln for ln in block.splitlines() if ln.strip()]
-        else:
-            out += re.findall(r"`([^`\n]+)`", block)
+        else:  # a pipe inside a table cell is written \|
+            out += [span.replace("\\|", "|") for span in re.findall(r"`([^`\n]+)`", block)]
     return out
 
 
