@@ -115,7 +115,6 @@ class MPerClassSampler(Sampler):
             rows.append(_interleave(np.stack(take)[rng.permutation(per_batch)], world))
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
 
-
     def _drawn(self, labels: np.ndarray, batch_size: int, world: int, rng: np.random.Generator) -> Tensor:
         """``N // batch_size`` batches, each of freshly drawn classes and images (the code's sampler)."""
         classes, m, per_batch = np.unique(labels), self.m, batch_size // self.m

@@ -363,7 +363,7 @@ def _scores(ev: Evaluated, images: np.ndarray, head: str, opt: RobustOptions) ->
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _metrics(s_in: np.ndarray, s_out: np.ndarray, rule: str) -> dict[str, float] | None:
+def _metrics(s_in: np.ndarray, s_out: np.ndarray, rule: str) -> dict[str, float | None] | None:
     if np.isnan(s_in).any() or np.isnan(s_out).any():
         return None  # energy of a head that outputs log-probabilities (an ensemble): not defined
     return OOD.detection_metrics(s_in, s_out, fpr_rule=rule)
