@@ -15,7 +15,27 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 TINY = ["data.name=synthetic", "data.size=96", "data.image_size=16", "data.channels=3", "data.num_classes=4",
         "model=resnet8", "batch_size=16", "epochs=2", "progress=false", "tensorboard=false",
-        "data.eval_batch_size=64"]
+        "data.eval_batch_size=64", "device=cpu"]
+HAS_CUDA = torch.cuda.is_available()  # read before any test hides the GPUs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` need a GPU: skipped on machines without one (CI)."""
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test not marked ``cuda`` runs on the CPU even on a GPU machine, where ``device=auto`` would pick
+    the GPU (and torchrun tests NCCL and ``cuda:<rank>``), and the tolerances are the CPU's: CUDA is
+    hidden from this process and from the processes a test starts."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def tiny_cfg(*overrides: str) -> Config:

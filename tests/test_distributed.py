@@ -32,7 +32,8 @@ from peerdistill.engine import run as run_mod
 ROOT = Path(__file__).resolve().parents[1]
 # 2048 CIFAR-like 16x16 images, 10 classes, 2 x ResNet-8: 16 steps of 128 per epoch, ~1-2 s per epoch.
 BASE = ["data.name=synthetic", "data.size=2048", "data.image_size=16", "data.num_classes=10", "model=resnet8",
-        "batch_size=128", "precision=fp32", "tensorboard=false", "progress=false", "data.eval_batch_size=512"]
+        "batch_size=128", "precision=fp32", "tensorboard=false", "progress=false", "data.eval_batch_size=512",
+        "device=cpu"]
 
 
 def _free_port() -> int:

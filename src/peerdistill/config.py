@@ -92,7 +92,11 @@ class Config:
     threads: NonNegativeInt = 0  # CPU intra-op threads; 0 = torch's default (one per core)
     fused: bool = False  # run a homogeneous independent cohort as one vmapped network (Cohort._fused_forward)
     device: str = "auto"
+    # Deterministic kernels only (cuDNN without autotuning): a GPU run and its resume repeat bit for bit,
+    # at a cost in speed (docs/performance.md). CPU runs are deterministic either way.
+    deterministic: bool = False
     sync_bn: bool = False
+    dist_timeout: PositiveInt = 3600  # seconds a torchrun process waits in a collective (rank 0's evaluation)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: PositiveInt = 1  # evaluate every k epochs (and always after the last)

@@ -34,6 +34,7 @@ class DeviceSet:
         # NHWC numpy -> NCHW view of NHWC storage: exactly torch's channels_last layout.
         self.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device).permute(0, 3, 1, 2)
         self.labels = torch.from_numpy(data.labels).to(device)
+        self.host_labels = np.asarray(data.labels)  # for set-up work on the host: no read back from the device
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,7 +61,7 @@ class DeviceLoader:
         self.sampler = sampler or Sampler()
         self.epoch = 0
         if shuffle:
-            self._labels = data.labels.cpu().numpy()
+            self._labels = data.host_labels
             self.sampler.check(self._labels, batch_size * world_size, world_size)
         self._n_batches = (len(self.sampler.epoch(self._labels, batch_size * world_size, world_size, seed, 0))
                            if shuffle else -(-len(data) // batch_size))

@@ -26,7 +26,7 @@ from ..methods import METHODS
 from ..models.cohort import build_cohort
 from .build import cohort_size, load_splits, seed_everything
 from .distributed import teardown
-from .precision import resolve_device, resolve_precision
+from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
 from .trainer import Trainer
 
 PHASES = ("data", "forward", "losses", "backward", "optimizer", "update")
@@ -256,7 +256,8 @@ def bare_step_throughput(cfg: Config, steps: int = 20, warmup: int = 5) -> dict[
     """
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    channels_last = True if cfg.channels_last is None else cfg.channels_last
+    channels_last = resolve_channels_last(cfg.channels_last, device, precision)
+    configure_backends(device, cfg.deterministic)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     splits = load_splits(cfg)
     h, w, c = splits.train.images.shape[1:]

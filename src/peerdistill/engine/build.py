@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,9 @@ from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..models import MODELS
+from ..models.base import check_model_args
 from ..models.cohort import Cohort, build_cohort
+from ..models.pretrained import load_pretrained, split_weights_spec
 from .checkpoint import load_checkpoint
 
 
@@ -91,7 +94,7 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     is read or any file written; returns the method and add-ons it built (cheap: no networks)."""
     DATASETS.get(cfg.data.name)
     for name in cfg.model_names or [""]:
-        MODELS.check(name, cfg.model.args, skip=("num_classes", "in_channels"))
+        check_model_args(name, cfg.model.args)
     if cfg.mixer is not None:
         make_mixer(cfg)
     if cfg.robustness is not None:
@@ -102,6 +105,8 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)
     needs = method.needs
+    if needs.teacher:
+        check_teacher(needs.teacher, needs.teacher_peer, needs.teacher_model)
     n = cohort_size(cfg, needs)
     cfg.peers = n  # the resolved config (written into the run) names the cohort size
     if n < needs.min_peers:
@@ -135,7 +140,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused)
-    info = DataInfo(num_classes, len(data.train), data.train.labels.cpu(), in_channels,
+    info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
                     tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)
     for addon in addons:
@@ -143,9 +148,32 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     return Built(data, method, cohort, addons, num_classes, in_channels)
 
 
+def check_teacher(spec: str, peer: int, expected_model: str | None) -> None:
+    """Check a teacher given as ``MODEL:WEIGHTS`` (a registered model and a weights file, e.g. torchvision's)
+    before anything is read or written; a run directory or checkpoint is checked when it is loaded."""
+    parts = split_weights_spec(spec)
+    if parts is None:
+        return
+    name, weights = parts
+    if not Path(weights).expanduser().is_file():
+        raise PeerdistillError(f"teacher weights file {weights} does not exist")
+    if peer:
+        raise PeerdistillError(f"teacher {spec} is a single network; teacher_peer={peer} applies to a run's cohort")
+    if expected_model and expected_model != name:
+        raise PeerdistillError(f"teacher {spec} is a {name}, not the expected {expected_model}")
+
+
 def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
                  expected_model: str | None = None) -> Cohort:
-    """Load peer ``peer`` of another run's checkpoint as a frozen teacher, checking it fits this data."""
+    """Load a frozen teacher, checking it fits this data: peer ``peer`` of another run's checkpoint, or
+    ``MODEL:WEIGHTS``, a registered model initialised from a weights file whose classifier has this
+    data's classes (:mod:`peerdistill.models.pretrained`)."""
+    parts = split_weights_spec(path)
+    if parts is not None:
+        check_teacher(path, peer, expected_model)
+        net = MODELS.build(parts[0], num_classes=num_classes, in_channels=in_channels)
+        load_pretrained(net, parts[0], parts[1], head="require")
+        return Cohort([net]).eval().requires_grad_(False)
     ckpt = load_checkpoint(path, prefer="best.pt")
     tcfg = from_dict(ckpt["config"])
     meta = ckpt.get("data", {})
@@ -157,7 +185,8 @@ def load_teacher(path: str, peer: int, num_classes: int, in_channels: int,
         raise PeerdistillError(f"teacher {path} is a {','.join(names)}, not the expected {expected_model}")
     method = METHODS.build(tcfg.method.name, **tcfg.method.args)
     n = cohort_size(tcfg, method.needs)
-    cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, tcfg.model.args,
+    args = {k: v for k, v in tcfg.model.args.items() if k != "pretrained"}  # the checkpoint holds the weights
+    cohort = build_cohort(tcfg.model_names, n, num_classes, in_channels, args,
                           method.needs.topology, method.needs.split_after)
     try:
         cohort.load_state_dict(ckpt["cohort"])

@@ -13,10 +13,12 @@ releases every DDP wrapper and collects before destroying the group, while all p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -38,8 +40,10 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """DDP-wrap the step module when running in several processes."""
+    def wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
+        """DDP-wrap the step module when running in several processes. ``find_unused``: some trainable
+        parameters may get no gradient in a step (``Needs.unused_params``), so DDP must look for them in
+        the autograd graph after every forward, a cost every other method is spared."""
         if self.world_size == 1:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -50,8 +54,7 @@ class DistInfo:
         if method is not None:
             ignore = [f"method.{name}" for name, _ in method.named_buffers()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
-        # Methods may leave some parameters unused in a step (e.g. heads evaluated only sometimes).
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -64,6 +67,14 @@ class DistInfo:
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
                 tdist.broadcast(t.data, src=0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's (small, picklable) ``obj`` in rank order, on every rank (``[obj]`` in one process)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
 
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Average scalar tensors over the processes (one all-reduce; identity in one process)."""
@@ -98,8 +109,12 @@ def local_only() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = saved
 
 
-def setup(device: str) -> DistInfo:
-    """Initialise the process group from torchrun's environment variables (no-op otherwise)."""
+def setup(device: str, timeout_s: float = 3600) -> DistInfo:
+    """Initialise the process group from torchrun's environment variables (no-op otherwise).
+
+    ``timeout_s`` bounds every collective, the barrier where the other ranks wait while rank 0 evaluates
+    and checkpoints included (NCCL's own default, 10 minutes, is shorter than an evaluation can be).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
@@ -110,5 +125,6 @@ def setup(device: str) -> DistInfo:
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
         import torch.distributed.nn  # noqa: F401  before init: its defaults must not hold the group
-        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, local, world, dev)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,15 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Compute capability 8.0 (Ampere) or newer on ``device`` itself, or ROCm. Pre-Ampere GPUs run bf16
+    only by emulation (``torch.cuda.is_bf16_supported()`` counts that, and asks the current device), far
+    slower than fp16 with a gradient scaler."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 @dataclass
 class Precision:
     """Resolved autocast settings for one device."""
@@ -51,17 +61,39 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on GPUs that support it and CPUs with native bf16, fp16 + scaler on older GPUs,
-    fp32 elsewhere."""
+    """``auto``: bf16 on GPUs with native bf16 (Ampere or newer) and CPUs with native bf16, fp16 + scaler
+    on older GPUs, fp32 elsewhere."""
     if name not in PRECISIONS:
         raise PeerdistillError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     cuda = device.type == "cuda"
     if name == "auto":
         if cuda:
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            name = "bf16" if cuda_has_native_bf16(device) else "fp16"
         else:
             name = "bf16" if cpu_has_native_bf16() else "fp32"
     if name == "fp16" and not cuda:
         raise PeerdistillError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(dtype, device.type, use_scaler=name == "fp16")
+
+
+def resolve_channels_last(setting: bool | None, device: torch.device, precision: Precision) -> bool:
+    """``channels_last=auto`` (``None``): on the CPU always (measured faster there in fp32 and bf16,
+    docs/performance.md); on a GPU only under bf16 / fp16 autocast, whose tensor-core convolutions are
+    NHWC kernels, while cuDNN's fp32 convolutions are NCHW-native and can be slower in channels_last."""
+    if setting is not None:
+        return setting
+    return device.type != "cuda" or precision.dtype is not None
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """Algorithm selection for the run. ``deterministic``: only deterministic kernels (torch raises on an
+    op that has none), cuDNN's deterministic convolutions without autotuning and cuBLAS's fixed
+    workspace, so a run and its resume repeat bit for bit on a GPU too, at a cost in speed. Otherwise, on
+    CUDA, cuDNN autotunes each convolution shape once (``cudnn.benchmark``): the shapes are fixed."""
+    if deterministic and device.type == "cuda":
+        # Read by cuBLAS when its handle is created; torch refuses deterministic GEMMs without it.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic

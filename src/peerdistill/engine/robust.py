@@ -129,16 +129,23 @@ def _members(values: list[str], allowed: tuple[str, ...], what: str) -> None:
 
 # ------------------------------------------------------------------------------ the evaluated run
 class Evaluated:
-    """A loaded run: its heads as functions of [0, 1] images, its test set and its facts."""
+    """A loaded run: its heads as functions of [0, 1] images, its test set and its facts.
 
-    def __init__(self, path: str | Path, which: str, threads: int | None = None) -> None:
+    ``trainer``: the run's live trainer (at the end of training), loaded with the checkpoint instead of
+    building a second one, whose copy of the data and networks would double the device memory.
+    """
+
+    def __init__(self, path: str | Path, which: str, threads: int | None = None,
+                 trainer: Trainer | None = None) -> None:
         self.ckpt_path = resolve_checkpoint(path, which)
-        cfg = C.from_dict(load_checkpoint(self.ckpt_path)["config"])
-        cfg.tensorboard, cfg.wandb = False, False
-        if threads is not None:
-            cfg.threads = threads
-        with local_only():  # under torchrun only rank 0 evaluates
-            self.cfg, self.trainer = cfg, Trainer(cfg, None)
+        if trainer is None:
+            cfg = C.from_dict(load_checkpoint(self.ckpt_path)["config"])
+            cfg.tensorboard, cfg.wandb = False, False
+            if threads is not None:
+                cfg.threads = threads
+            with local_only():  # under torchrun only rank 0 evaluates
+                trainer = Trainer(cfg, None)
+        self.cfg, self.trainer = trainer.cfg, trainer
         self.trainer.load(self.ckpt_path)
         self.trainer.module.eval()
         if self.trainer.ema is not None:
@@ -396,14 +403,16 @@ def _settings(opt: RobustOptions, part: str) -> dict[str, Any]:
 
 
 def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str = "last.pt",
-                    threads: int | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate a run directory (or checkpoint) and record the results in its ``eval.json``.
+                    threads: int | None = None, echo: Callable[[str], None] | None = None,
+                    trainer: Trainer | None = None) -> dict[str, Any]:
+    """Evaluate a run directory (or checkpoint) and record the results in its ``eval.json`` (``trainer``:
+    the run's live one, reused; see :class:`Evaluated`).
 
     Returns ``{"checkpoint", "epoch", "run_dir", "heads", "<part>": {"key", "settings", "seconds",
     "results"}}`` for each part evaluated (``adversarial``, ``corruptions``, ``ood``).
     """
     options.check()
-    ev = Evaluated(path, checkpoint, threads)
+    ev = Evaluated(path, checkpoint, threads, trainer)
     heads = ev.head_names(options.heads)
     out: dict[str, Any] = {"checkpoint": str(ev.ckpt_path), "epoch": ev.trainer.epoch,
                            "run_dir": str(ev.run_dir), "heads": heads}

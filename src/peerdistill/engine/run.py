@@ -120,6 +120,7 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     trainer.logger = logger
     if resume is not None:
         trainer.load(ckpt)
+        _note_precision_change(trainer, echo and main)
     if logger is not None:  # a resume keeps the records up to its checkpoint; a new run, none of a dead attempt
         logger.truncate_after(trainer.epoch if resume is not None else -1)
     if resume is not None and echo and main:
@@ -136,6 +137,10 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
                 summary["final"] = _last_logged(logger)
             finish(trainer, out, summary, logger)
         trainer.dist.barrier()  # under torchrun, every rank ends once rank 0 has written the summary
+        if main and cfg.robustness is not None:
+            # Rank 0 alone, after the other ranks have left: none of them waits in a collective that a long
+            # evaluation could time out. The run's trainer is reused: no second copy of data and networks.
+            pending_robustness(out, cfg, trainer)
     finally:
         if logger is not None:
             logger.close()
@@ -180,8 +185,16 @@ def _echo_epoch(rec: dict[str, Any], epochs: int, peers: int) -> None:
           + (f"  test top-1: {heads}" if heads else ""), file=sys.stderr, flush=True)
 
 
+def _note_precision_change(trainer: Trainer, echo: bool) -> None:
+    """One line when ``precision=auto`` resolves differently here than where the checkpoint was trained."""
+    before, now = trainer.resumed_precision, trainer.precision.name
+    if echo and before is not None and before != now:
+        print(f"note: the checkpoint was trained in {before}, this machine continues in {now} "
+              f"(precision={trainer.cfg.precision}): the continuation is not bit-exact", file=sys.stderr)
+
+
 def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogger | None) -> None:
-    """Write summary.json and the plots, then the robustness evaluation the config asks for."""
+    """Write summary.json and the plots; mark the robustness evaluation the config asks for as pending."""
     if trainer.cfg.robustness is not None:  # until eval.json has it, the run is not finished for a sweep
         (out / ROBUST_PENDING).touch()
     write_json(out / "summary.json", summary)
@@ -189,17 +202,16 @@ def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogg
     if logger is not None:
         plot_history(logger.history(), out, logger.step_history())
     plot_reliability(rel, out)
-    if trainer.cfg.robustness is not None:
-        pending_robustness(out, trainer.cfg)
 
 
-def pending_robustness(out: Path, cfg: C.Config) -> None:
+def pending_robustness(out: Path, cfg: C.Config, trainer: Trainer | None = None) -> None:
     """Run the config's robustness evaluation into eval.json and clear the marker. A failure keeps the
-    marker (and the parts already written), so ``--resume`` runs it again; the training results stay."""
+    marker (and the parts already written), so ``--resume`` runs it again; the training results stay.
+    ``trainer``: the run's own, reused for the evaluation instead of building another."""
     from .robust import options_from_mapping, robust_evaluate
 
     try:
-        robust_evaluate(out, options_from_mapping(cfg.robustness), "last.pt", cfg.threads or None)
+        robust_evaluate(out, options_from_mapping(cfg.robustness), "last.pt", cfg.threads or None, trainer=trainer)
     except PeerdistillError as e:
         raise PeerdistillError(f"training finished (summary.json is written) but the robustness evaluation "
                                f"failed: {e}; `peerdistill train --resume {out}` runs it again") from None

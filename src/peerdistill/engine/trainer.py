@@ -23,11 +23,12 @@ from ..methods.base import AddOn, Method, PeerOutput, PreTrainContext, StepRecor
 from ..metrics import HeadMetrics
 from ..models.cohort import Cohort
 from . import distributed as dist
+from . import rng
 from .build import build_run, data_meta, load_teacher, make_augment, make_mixer, seed_everything
 from .checkpoint import load_checkpoint, save_atomic, write_failure
 from .ema import EMA
 from .optim import build_optimizer, lr_at, set_lr
-from .precision import resolve_device, resolve_precision
+from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
 from .timer import PhaseTimer
 
 
@@ -81,12 +82,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: Path | None = None, logger: Any = None) -> None:
         self.cfg, self.out_dir, self.logger = cfg, out_dir, logger
-        self.dist = dist.setup(cfg.device)
+        self.dist = dist.setup(cfg.device, cfg.dist_timeout)
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
         if cfg.sync_bn and self.device.type != "cuda":
             raise PeerdistillError("sync_bn=true needs CUDA devices: torch's SyncBatchNorm has no CPU implementation")
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.channels_last = True if cfg.channels_last is None else cfg.channels_last
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, self.precision)
+        configure_backends(self.device, cfg.deterministic)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -110,11 +112,11 @@ class Trainer:
         if needs.teacher:
             self.teacher = load_teacher(needs.teacher, needs.teacher_peer, self.num_classes,
                                         built.in_channels, needs.teacher_model).to(self.device, memory_format=fmt)
-        self.step_fn = self.dist.wrap(self.module)
+        self.step_fn = self.dist.wrap(self.module, needs.unused_params or any(a.unused_params for a in self.addons))
         special = [*self.method.param_groups(), *(g for a in self.addons for g in a.param_groups())]
         self.optimizer = build_optimizer([self.module], cfg.optim, special)
         self.trained = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.scaler = self._new_scaler()
         self.augment = make_augment(cfg, self.data.splits, self.channels_last)
         self.augment.shard = (self.dist.rank, self.dist.world_size)  # global-batch draws, this rank's rows
         self.mixer = make_mixer(cfg)
@@ -129,6 +131,8 @@ class Trainer:
         self.saved_epoch: int | None = None
         self.best: dict[str, Any] = {}
         self.gen = torch.Generator(device="cpu")
+        self.rank_rng: list[dict[str, Any]] = []  # every rank's RNG state at the end of the last epoch (DDP)
+        self.resumed_precision: str | None = None  # the precision the loaded checkpoint was trained in
 
     # ------------------------------------------------------------------ training
     def view_context(self, gen: torch.Generator) -> ViewContext:
@@ -237,11 +241,14 @@ class Trainer:
 
         ema = self.ema.module if self.ema is not None else None
         self.method.before_training(PreTrainContext(self.cohort, ema, batches, optimizer, self.cfg.optim.lr,
-                                                    self.precision.autocast, self.taps))
+                                                    self.precision.autocast, self.taps, self._new_scaler))
         self.dist.broadcast(self.module)  # every rank starts from rank 0's result
         if ema is not None:
             self.dist.broadcast(ema)
         self.prepared = True
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
 
     def train_epoch(self, on_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
         """Train one epoch; returns mean loss terms and timing."""
@@ -313,9 +320,15 @@ class Trainer:
                 "method": self.method.state_dict(), "addons": [a.state_dict() for a in self.addons],
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "best": self.best}
+                "precision": self.precision.name, "rng": {"per_rank": self._rng_per_rank()}, "best": self.best}
+
+    def _rng_per_rank(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state: the ranks' gathered at the end of the epoch, this rank's read now (before
+        any gather, this rank's stands for every rank)."""
+        own = rng.capture(self.device)
+        states = list(self.rank_rng) or [own] * self.dist.world_size
+        states[self.dist.rank] = own
+        return states
 
     def save(self, name: str) -> Path | None:
         """Write ``checkpoints/<name>`` atomically; a failed write is one line saying what, why and how to
@@ -347,10 +360,12 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise PeerdistillError(f"checkpoint {path} does not match this run: {str(e).splitlines()[0][:200]}") from None
-        self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        # A checkpoint trained without a scaler (CPU, bf16, fp32) has none to give an fp16 run, and an fp16
+        # checkpoint's scaler means nothing to a run without one: the scaler then starts afresh.
+        self.resumed_precision = ckpt.get("precision") or ("fp16" if ckpt.get("scaler") else None)
+        if self.precision.use_scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng.restore(ckpt["rng"], self.dist.rank, self.device)
         self.epoch, self.step, self.best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt.get("best") or {})
         self.prepared = bool(ckpt.get("prepared", self.epoch > 0))
         self.saved_epoch = self.epoch
@@ -366,6 +381,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.epoch += 1
+            if self.dist.world_size > 1:  # rank 0 writes the checkpoint: it needs every rank's state
+                self.rank_rng = self.dist.gather(rng.capture(self.device))
             if self.dist.is_main:
                 last_eval = self._end_epoch(train) or last_eval
             self.dist.barrier()

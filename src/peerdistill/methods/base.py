@@ -62,9 +62,15 @@ class Needs:
         ema_decay: keep an EMA copy of the cohort with this decay (``None``: no EMA copy).
         ema_warmup: ``"none"`` (fixed decay) or ``"meanteacher"`` (decay_t = min(1 - 1/(t+1), decay)).
         ema_train_mode: run the EMA copy in train mode (BN batch statistics), as PCL/DKEL do.
-        teacher: path of a run directory or checkpoint whose peer is loaded frozen as the teacher.
+        teacher: path of a run directory or checkpoint whose peer is loaded frozen as the teacher, or
+            ``MODEL:WEIGHTS``: a registered model initialised from a weights file (e.g. torchvision's).
         teacher_peer: which peer of that checkpoint is the teacher.
         teacher_model: if set, the teacher checkpoint must be this architecture.
+        unused_params: some trainable parameter of the cohort or the method can get no gradient from a
+            step's loss terms (e.g. modules reached only through detached targets). Under DDP this makes
+            every step search the autograd graph for them (``find_unused_parameters``); declare it only
+            when it is so: a parameter left without a gradient under a ``False`` declaration stops a
+            multi-process run at its next step.
     """
 
     peers: int | None = None
@@ -84,6 +90,7 @@ class Needs:
     teacher: str | None = None
     teacher_peer: int = 0
     teacher_model: str | None = None
+    unused_params: bool = False
 
 
 @dataclass
@@ -195,6 +202,9 @@ class PreTrainContext:
         base_lr: the config's learning rate.
         autocast: the run's autocast context.
         taps: the stage maps every forward carries.
+        scaler: a fresh gradient scaler for the run's precision (active under fp16 only, where unscaled
+            gradients underflow; a no-op otherwise): ``scaler.scale(loss).backward()``,
+            ``scaler.step(opt)``, ``scaler.update()``.
     """
 
     cohort: nn.Module
@@ -204,6 +214,7 @@ class PreTrainContext:
     base_lr: float
     autocast: Callable[[], contextlib.AbstractContextManager[object]]
     taps: tuple[str, ...] = ()
+    scaler: Callable[[], torch.amp.GradScaler] = lambda: torch.amp.GradScaler("cpu", enabled=False)
 
 
 @dataclass
@@ -290,8 +301,11 @@ class AddOn(nn.Module):
     """A loss term composed with any method by config (``addon=sd_dropout addon.lam=0.1``).
 
     It reads the features the method defines (``method.dropout_features(rec)``), so one add-on works
-    with every method without a copy of each method "with" it.
+    with every method without a copy of each method "with" it. ``unused_params``: as
+    :attr:`Needs.unused_params`, for the add-on's own parameters.
     """
+
+    unused_params: bool = False
 
     def setup(self, method: Method, cohort: nn.Module, data: DataInfo) -> None:
         """Called after the method's own ``setup``."""

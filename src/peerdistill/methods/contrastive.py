@@ -115,7 +115,8 @@ def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temper
         within = torch.cat([sim[p, p], sim[q, q]]).reshape(-1, b)  # rows S_pp then S_qq
         if "vcl" in terms and vcl_once:
             m = v.shape[0]
-            diag = sim[torch.arange(m), torch.arange(m)].reshape(-1, b)  # (M*B, B)
+            own = torch.arange(m, device=sim.device)  # a host index would be copied and synchronised every step
+            diag = sim[own, own].reshape(-1, b)  # (M*B, B)
             out["vcl"] = m * supcon(diag, self_pos.repeat(m, 1), self_den.repeat(m, 1))
         elif "vcl" in terms:
             out["vcl"] = 2 * n_pairs * supcon(within, self_pos.repeat(2 * n_pairs, 1),
@@ -171,7 +172,8 @@ def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature
         if "soft_icl" in terms:
             target = torch.cat([logits[j, i], logits[i, j]]).reshape(cross.shape)
             out["soft_icl"] = 2 * len(i) * kd_kl(cross, target, temperature)
-    within = logits[torch.arange(n), torch.arange(n), :, 1:]  # (n, B, 1+K): own index left out
+    own = torch.arange(n, device=logits.device)
+    within = logits[own, own, :, 1:]  # (n, B, 1+K): own index left out
     if "vcl" in terms:
         rows = within.reshape(-1, within.shape[-1])
         pos = torch.zeros_like(rows[:1], dtype=torch.bool)

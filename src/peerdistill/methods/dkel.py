@@ -83,14 +83,16 @@ class DKEL(PCL):
         teacher, was_training = ctx.ema, ctx.ema.training
         teacher.train().requires_grad_(True)
         opt = ctx.optimizer(teacher.parameters(), ctx.base_lr * INIT_LR_SCALE)
+        scaler = ctx.scaler()  # fp16: scaled so small gradients survive, and a step with inf/NaN is skipped
         steps = 0
         for views in ctx.batches():
             with ctx.autocast():
                 outs = teacher([v.x for v in views.peers], ctx.taps)
                 loss = sum(view_ce(o.logits, v, self.num_classes) for o, v in zip(outs, views.peers)) / len(outs)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             steps += 1
             if steps > self.init:  # the code stops after batch index ``init``
                 break

@@ -26,10 +26,11 @@ class KD(Method):
     """Each student peer minimises ``gamma * CE + alpha * T^2 KL(p_teacher || p_student)``; with
     ``extra_aug`` it also distils on an extra augmented batch of the same size (Good-DA-in-KD).
 
-    The teacher is one peer of another run (its directory or a checkpoint file), loaded frozen by the
-    engine (eval mode, no gradient, never in the optimizer or this run's checkpoint) and evaluated on
-    exactly the input each student sees, so under a mixer it scores the same mixed images; the CE term
-    uses the mixed labels. The defaults are the Good-DA-in-KD / CRD setting (spec §7):
+    The teacher is one peer of another run (its directory or a checkpoint file) or a network built from a
+    weights file (``MODEL:WEIGHTS``), loaded frozen by the engine (eval mode, no gradient, never in the
+    optimizer or this run's checkpoint) and evaluated on exactly the input each student sees, so under a
+    mixer it scores the same mixed images; the CE term uses the mixed labels. The defaults are the
+    Good-DA-in-KD / CRD setting (spec §7):
     ``gamma = 0.1, alpha = 0.9, T = 4``; the CE term is always against the (possibly mixed) true labels.
 
     With ``extra_aug`` (any name of :mod:`peerdistill.data.augmentations` or any mixer, e.g.
@@ -43,7 +44,9 @@ class KD(Method):
     teacher independently (their ensemble is still evaluated).
 
     Args:
-        teacher: run directory (its ``checkpoints/best.pt``, else ``last.pt``) or checkpoint file. Required.
+        teacher: run directory (its ``checkpoints/best.pt``, else ``last.pt``) or checkpoint file, or
+            ``MODEL:WEIGHTS`` (e.g. ``resnet34_imagenet:resnet34-b627a593.pth``: torchvision / timm weights
+            whose classifier has this data's classes). Required.
         teacher_peer: which peer of the teacher run is the teacher.
         teacher_model: if set, the teacher run must be this architecture (a guard against wrong paths).
         temperature: T.
@@ -60,7 +63,8 @@ class KD(Method):
                  lw_mix: list[NonNegative] | None = None) -> None:
         super().__init__()
         if not teacher:
-            raise PeerdistillError("method 'kd' needs a teacher: set method.teacher=<run directory or checkpoint>")
+            raise PeerdistillError("method 'kd' needs a teacher: set method.teacher=<run directory or checkpoint> "
+                                   "or method.teacher=<model>:<weights file>")
         self.temperature, self.alpha, self.gamma = temperature, alpha, gamma
         self.needs = Needs(teacher=teacher, teacher_peer=teacher_peer, teacher_model=teacher_model or None)
         plain = extra_aug in ("", "none")

@@ -48,7 +48,9 @@ class OKDDip(Method):
         self.temperature, self.weight, self.rampup_epochs = temperature, weight, rampup_epochs
         self.factor, self.detach_targets = factor, detach_targets
         # 3 auxiliary peers + the leader by default, as the official code (m = 4).
-        self.needs = Needs(default_peers=4, min_peers=3, topology="branched", split_after=split_after or None)
+        # Detached targets leave W_q and W_k without a gradient (they keep their initialisation).
+        self.needs = Needs(default_peers=4, min_peers=3, topology="branched", split_after=split_after or None,
+                           unused_params=detach_targets)
         self.query: nn.Linear | None = None
         self.key: nn.Linear | None = None
 

@@ -8,30 +8,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 15) -> float:
-    """ECE = sum_b |B_b|/n * |acc(B_b) - conf(B_b)| over equal-width confidence bins (Guo et al. 2017).
+def _bin_sums(confidence: Tensor, correct: Tensor, bins: int) -> Tensor:
+    """(3, bins) per-bin sums of confidence, of correct predictions and of samples, in float64 on the
+    inputs' device. Bins are (lo, hi], so a confidence of exactly 1/bins falls in the first bin."""
+    conf = confidence.double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=conf.device)
+    ids = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (edges[b], edges[b+1]]
+    rows = torch.stack([conf, correct.double(), torch.ones_like(conf)])  # (3, n)
+    # index_add_ rather than a weighted bincount: deterministic on CUDA (deterministic=true allows it).
+    return conf.new_zeros(3, bins).index_add_(1, ids, rows)
 
-    Bins are (lo, hi], so a confidence of exactly 1/bins falls in the first bin.
-    """
+
+def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 15) -> float:
+    """ECE = sum_b |B_b|/n * |acc(B_b) - conf(B_b)| over equal-width confidence bins (Guo et al. 2017),
+    for inputs on any device."""
     n = confidence.numel()
     if n == 0:
         return float("nan")
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    conf = confidence.double()
-    ids = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (edges[b], edges[b+1]]
-    conf_sum = torch.bincount(ids, weights=conf, minlength=bins)
-    acc_sum = torch.bincount(ids, weights=correct.double(), minlength=bins)
+    conf_sum, acc_sum, _ = _bin_sums(confidence, correct, bins)
     return float((conf_sum - acc_sum).abs().sum() / n)
 
 
 def reliability_bins(confidence: Tensor, correct: Tensor, bins: int = 15) -> dict[str, list[float]]:
     """Per-bin mean confidence, accuracy and count, for a reliability diagram."""
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    ids = torch.bucketize(confidence.double(), edges[1:-1])
-    count = torch.bincount(ids, minlength=bins).double()
-    conf = torch.bincount(ids, weights=confidence.double(), minlength=bins) / count.clamp_min(1)
-    acc = torch.bincount(ids, weights=correct.double(), minlength=bins) / count.clamp_min(1)
-    return {"confidence": conf.tolist(), "accuracy": acc.tolist(), "count": count.tolist()}
+    conf_sum, acc_sum, count = _bin_sums(confidence, correct, bins)
+    per = count.clamp_min(1)
+    return {"confidence": (conf_sum / per).tolist(), "accuracy": (acc_sum / per).tolist(), "count": count.tolist()}
 
 
 @dataclass

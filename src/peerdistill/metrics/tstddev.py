@@ -121,7 +121,7 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     batch alone) for one teacher; ``augs`` empty or ``None``: the paper's list. Returns the JSON record."""
     from ..engine.build import crop_padding, load_splits, load_teacher, make_augment
     from ..engine.checkpoint import load_checkpoint
-    from ..engine.precision import resolve_device, resolve_precision
+    from ..engine.precision import resolve_channels_last, resolve_device, resolve_precision
 
     _check_options(opts)
     if opts.threads > 0:
@@ -132,12 +132,13 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     splits = load_splits(cfg)
     data = to_device(splits, cfg.data.val_split, cfg.seed, device)
     k, c = splits.num_classes, splits.train.images.shape[-1]
-    fmt = torch.channels_last
+    channels_last = resolve_channels_last(None, device, precision)  # inference: the automatic choice
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     t_net = load_teacher(teacher, opts.teacher_peer, k, c).to(device, memory_format=fmt)
     s_net = load_teacher(opts.student, opts.student_peer, k, c).to(device, memory_format=fmt) if opts.student else None
     entries, notes = _entries(augs, s_net is not None, tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits),
                               opts.group_iters)
-    augment = make_augment(cfg, splits, channels_last=True)
+    augment = make_augment(cfg, splits, channels_last)
     loader = DeviceLoader(data.train, opts.batch_size, True, opts.seed)
     if opts.epochs * len(loader) < 2 * opts.group_iters:
         raise PeerdistillError(f"{opts.epochs} epoch(s) of {len(loader)} batches of {opts.batch_size} make fewer "

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import PeerdistillError
+from ..params import check_value
 from ..registry import Registry
 
 MODELS: Registry[StagedNet] = Registry("model")
@@ -89,6 +93,32 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(name: str, num_classes: int, in_channels: int, **kwargs: object) -> StagedNet:
-    """Build a registered model; every constructor takes ``num_classes`` and ``in_channels``."""
-    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+def build_model(name: str, num_classes: int, in_channels: int, pretrained: str | None = None,
+                **kwargs: object) -> StagedNet:
+    """Build a registered model; every constructor takes ``num_classes`` and ``in_channels``.
+
+    Args:
+        name: registry name.
+        num_classes: number of output classes.
+        in_channels: image channels.
+        pretrained: a weights file to start from (any model; see :mod:`peerdistill.models.pretrained`
+            for the formats and names read, and what happens to a classifier of another size).
+        **kwargs: the model's own parameters.
+    """
+    net = MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if pretrained:
+        from .pretrained import load_pretrained
+
+        load_pretrained(net, name, pretrained)
+    return net
+
+
+def check_model_args(name: str, args: dict[str, Any]) -> None:
+    """Validate a model's config arguments without building it: its constructor's parameters, and
+    ``pretrained`` (a path to an existing file), which every model accepts."""
+    rest = dict(args)
+    path = rest.pop("pretrained", None)
+    check_value(path, str | None, f"parameter 'pretrained' of model {name!r}")
+    if path and not Path(path).expanduser().is_file():
+        raise PeerdistillError(f"weights file {path} (model.pretrained) does not exist")
+    MODELS.check(name, rest, skip=("num_classes", "in_channels"))

@@ -79,7 +79,7 @@ def canon(v: Any) -> Any:
 # evaluation batch size too, since evaluation runs in eval mode, sample by sample). ``--resume`` may change
 # them, and ``table`` and ``sweep`` ignore them when deciding whether two runs are the same experiment.
 NEUTRAL_KEYS = ("threads", "progress", "progress_every", "tensorboard", "wandb", "log_every", "device", "name",
-                "data.root", "data.eval_batch_size")
+                "data.root", "data.eval_batch_size", "dist_timeout", "deterministic")
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
