@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # docs/reference holds the specs
 REGISTRIES = {"method": METHODS, "mixer": MIXERS, "addon": ADDONS, "model": MODELS}
 SECTIONS = {"data": C.DataConfig, "optim": C.OptimConfig}
+EVERY = {"model": {"pretrained"}}  # accepted by every entry (models.base.check_model_args: a weights file)
 # key=value: the value runs to whitespace or a quote / comma / bracket closing a Python list, unless it is a
 # bracketed YAML list or mapping (``data.holdout_classes=[8, 9]``, ``method.extra_aug_args={criterion: kld}``)
 OVERRIDE = re.compile(r"(?<![\w.$-])([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)=(\[[^\]]*\]|\{[^}]*\}|[^\s\"',)\]]*)")
@@ -78,6 +79,8 @@ def preset_method(toks: list[str]) -> str | None:
 def check_component_arg(kind: str, name: str | None, arg: str, value: Any) -> str | None:
     """None if ``kind.arg=value`` is valid for ``name`` (or, unnamed, for some entry that has ``arg``)."""
     reg = REGISTRIES[kind]
+    if arg in EVERY.get(kind, ()):
+        return None if value is None or isinstance(value, str) else f"{kind}.{arg} takes a path"
     names = [name] if name in reg else [n for n in reg if arg in reg.params(n)]
     if not names:
         return f"no {kind} has a parameter {arg!r}"
@@ -124,7 +127,8 @@ def getattr_path(key: str) -> Any:
 def check_mention(kind: str, name: str) -> str | None:
     if kind in SECTIONS:
         return None if name in {f.name for f in dataclasses.fields(SECTIONS[kind])} else f"no field {kind}.{name}"
-    if name == "name" or any(name in REGISTRIES[kind].params(n) for n in REGISTRIES[kind]):
+    reg = REGISTRIES[kind]
+    if name == "name" or name in EVERY.get(kind, ()) or any(name in reg.params(n) for n in reg):
         return None
     return f"no {kind} has a parameter {name!r}"
 
@@ -174,7 +178,8 @@ def test_every_documented_key_and_example_is_valid(path: Path) -> None:
 
 def test_the_checker_catches_what_it_is_for(tmp_path: Path) -> None:
     doc = tmp_path / "bad.md"
-    doc.write_text("### `pcl`\nThe cohort size is `method.branches`. Try `peerdistill train method=pcl method.tempreature=2`,\n"
+    doc.write_text("### `pcl`\nThe cohort size is `method.branches`.\n"
+                   "Try `peerdistill train method=pcl method.tempreature=2`,\n"
                    "```\npeerdistill train method=dml mixer=cutmx data.size=abc optim.lr=0.1\n```\n"
                    "and `method=dml method.temperature=2 seed=1` (fine).\n\n"
                    "**Parameters:** `branches` = 3, `temperature` = 3.\n")

@@ -235,7 +235,8 @@ def test_kd_kl_soft_ce_and_rampup_match_hand_formulas():
     # float32 in: float32 out, within float32 rounding of what the KL cancels
     s32, t32 = s.float(), t.float()
     assert kd_kl(s32, t32, 4.0).dtype == torch.float32
-    assert float(kd_kl(s32, t32, 4.0)) == f32(np_kd(s32.numpy(), t32.numpy(), 4.0), np_kd_mag(s32.numpy(), t32.numpy(), 4.0))
+    sn, tn = s32.numpy(), t32.numpy()
+    assert float(kd_kl(s32, t32, 4.0)) == f32(np_kd(sn, tn, 4.0), np_kd_mag(sn, tn, 4.0))
     for e, expected in [(0, math.exp(-5)), (40, math.exp(-5 * 0.25)), (80, 1.0), (100, 1.0)]:
         assert sigmoid_rampup(e, 80) == pytest.approx(expected, rel=1e-12)
     assert sigmoid_rampup(40, 80, scale=0.1) == pytest.approx(0.1 * math.exp(-1.25), rel=1e-12)

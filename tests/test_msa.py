@@ -173,7 +173,8 @@ def test_kd_soft_and_feature_losses_match_hand_formulas():
     pt = np_softmax(np.moveaxis(b.numpy(), 1, -1).reshape(-1, 4) / t)
     assert float(channel_kl(a, b, t)) == pytest.approx(float(t * t * (pt * np.log(pt / ps)).sum(1).mean()), rel=1e-12)
     sf, qf = s.float(), q.float()  # float32 in: within float32 rounding of what the KL cancels
-    assert float(kd_soft(sf, qf, 2.0)) == f32(np_kl_probs(sf.numpy(), qf.numpy(), 2.0), np_kl_mag(sf.numpy(), qf.numpy(), 2.0))
+    sn, qn = sf.numpy(), qf.numpy()
+    assert float(kd_soft(sf, qf, 2.0)) == f32(np_kl_probs(sn, qn, 2.0), np_kl_mag(sn, qn, 2.0))
     sg = a.clone().requires_grad_(True)
     tg = b.clone().requires_grad_(True)
     for fn in (normalized_mse, attention_transfer, channel_kl):  # the target never receives a gradient
@@ -233,7 +234,8 @@ def test_dml_and_msa_route_each_peers_target_from_the_image_it_saw(mode):
     for i in range(3):
         z, others = rec.outputs[i].logits.detach().numpy(), [j for j in range(3) if j != i]
         targets = [expected_target(rec, mode, j, i, t) for j in others]
-        kl = f32(0.5 * np.mean([np_kl_probs(z, q, t) for q in targets]), 0.5 * np.mean([np_kl_mag(z, q, t) for q in targets]))
+        kl = f32(0.5 * np.mean([np_kl_probs(z, q, t) for q in targets]),
+                 0.5 * np.mean([np_kl_mag(z, q, t) for q in targets]))
         assert float(dml[f"kl{i}"]) == kl and float(msa[f"kl{i}"]) == kl
         y, m = rec.labels.numpy(), rec.views[i].mix
         ce = [np_mixed_ce(z, y, m.perms.numpy(), m.weights.numpy(), mag) for mag in (False, True)]
@@ -242,7 +244,8 @@ def test_dml_and_msa_route_each_peers_target_from_the_image_it_saw(mode):
             f_i = rec.outputs[i].maps["stage3"].detach().numpy()
             src = [(rec.extra[f"on{i}"][j] if mode == "rerun" else rec.outputs[j]).maps["stage3"].detach().numpy()
                    for j in others]
-            fml = f32(2.0 * np.mean([np_at(f_i, f_j) for f_j in src]), 2.0 * np.mean([np_at_mag(f_i, f_j) for f_j in src]))
+            fml = f32(2.0 * np.mean([np_at(f_i, f_j) for f_j in src]),
+                      2.0 * np.mean([np_at_mag(f_i, f_j) for f_j in src]))
             assert float(msa[f"fml{i}"]) == fml
         # EMA teacher: the EMA peers that saw peer i's image (all when shared, its own when per view)
         seen = [0, 1, 2] if mode == "shared" else [i]
