@@ -36,3 +36,15 @@ def test_resolved_config_roundtrips(tmp_path):
     cfg = C.load(None, ["method=dml", "method.temperature=3", "mixer=cutmix", "optim.milestones=[2, 4]"])
     C.save(cfg, tmp_path / "c.yaml")
     assert C.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+
+
+def test_one_ships_the_official_recipe_and_the_pcl_table_recipe():
+    """ONE's code (scripts/ONE_ResNet32.sh, cifar_one.py): ramp-up 80, no Nesterov, wd 1e-4, lr steps at
+    0-based epochs 151 and 225. The PCL table re-ran ONE with the PCL recipe and no ramp-up."""
+    root = Path(__file__).parent.parent / "configs" / "one"
+    official, table = C.load(root / "cifar100_resnet32_official.yaml"), C.load(root / "cifar100_resnet32.yaml")
+    assert official.method.args["rampup_epochs"] == 80 and not official.optim.nesterov
+    assert (official.optim.weight_decay, official.optim.milestones, official.epochs) == (1e-4, [151, 225], 300)
+    assert table.method.args["rampup_epochs"] == 0 and table.optim.nesterov and table.optim.weight_decay == 5e-4
+    assert "OFFICIAL" in (root / "cifar100_resnet32_official.yaml").read_text()
+    assert "PCL TABLE" in (root / "cifar100_resnet32.yaml").read_text()

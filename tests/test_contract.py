@@ -18,6 +18,8 @@ from peerdistill.engine.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import ADDONS, METHODS, AddOn, Method, Needs, ParamGroup
 
+from .reference import close32
+
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=4", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
         "data.eval_batch_size=64", "data.val_split=0"]
@@ -117,6 +119,7 @@ def test_shared_mix_is_one_draw_for_every_view_and_per_view_mix_differs():
     assert a is not b and not (torch.equal(a.perms, b.perms) and torch.equal(a.weights, b.weights))
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("mode", ["own", "rerun", "components"])
 def test_peer_targets_refer_to_the_image_the_student_saw(mode):
     tr = trainer("method=_probe", "method.mix=per_view", f"method.peer_targets={mode}", "peers=2",
@@ -124,22 +127,24 @@ def test_peer_targets_refer_to_the_image_the_student_saw(mode):
     tr.module.eval()  # BN in eval mode: a re-run gives exactly the same logits as a fresh forward
     rec = tr.step_record(next(iter(tr.train_loader)))
     with torch.no_grad():
-        p1_on_v0 = F.softmax(tr.cohort.nets[1](rec.views[0].x) / 2.0, 1)
-        p1_own = F.softmax(tr.cohort.nets[1](rec.views[1].x) / 2.0, 1)
+        z_on_v0, z_own = (tr.cohort.nets[1](rec.views[i].x) for i in (0, 1))
+    p1_on_v0, p1_own = F.softmax(z_on_v0 / 2.0, 1), F.softmax(z_own / 2.0, 1)
+    # re-run forwards round within float32 of the logits' size; softened probabilities move by that / T
+    mag = 1 + max(float(z_on_v0.abs().max()), float(z_own.abs().max())) / 2.0
     target = rec.peer_target(1, 0, 2.0)
     assert not target.requires_grad
     if mode == "own":
-        assert torch.allclose(target, p1_own, atol=1e-6)
+        assert close32(target, p1_own, mag)
     elif mode == "rerun":
         assert set(rec.extra) == {"on0", "on1"} and rec.extra["on0"][0] is None
-        assert torch.allclose(target, p1_on_v0, atol=1e-5)
+        assert close32(target, p1_on_v0, mag)
     else:
         unmixed = rec.extra["unmixed"][1]
         assert unmixed is not None and not unmixed.logits.requires_grad
         mix = rec.views[0].mix
         p = F.softmax(unmixed.logits / 2.0, 1)
         expected = mix.weights[0, :, None] * p[mix.perms[0]] + mix.weights[1, :, None] * p[mix.perms[1]]
-        assert torch.allclose(target, expected, atol=1e-6)
+        assert close32(target, expected, 1.0)  # a mix of probabilities: magnitude 1
 
 
 def test_extra_inputs_run_with_or_without_gradient():
@@ -286,5 +291,5 @@ def test_trunk_grad_scale_divides_only_the_shared_trunk_gradient():
         sum(o.logits.float().pow(2).mean() for o in rec.outputs).backward()
         grads.append((tr.cohort.nets[0].stem[0].weight.grad.clone(), tr.cohort.nets[1].classifier.weight.grad.clone()))
     (stem1, head1), (stem2, head2) = grads
-    assert torch.allclose(stem2, 0.25 * stem1, rtol=1e-4, atol=1e-8)
-    assert torch.allclose(head2, head1)
+    assert torch.equal(stem2, 0.25 * stem1)  # a power of 2 scales exactly: bit for bit on any CPU
+    assert torch.equal(head2, head1)

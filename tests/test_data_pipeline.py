@@ -85,6 +85,7 @@ def test_idx_reader_roundtrip(tmp_path):
     assert np.array_equal(read_idx(path), arr)
 
 
+@pytest.mark.numerical
 def test_ece_golden():
     conf = torch.tensor([0.95, 0.9, 0.62, 0.55, 0.3, 1 / 15])
     correct = torch.tensor([1, 0, 1, 1, 0, 0])

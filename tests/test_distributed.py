@@ -97,7 +97,12 @@ def test_torchrun_two_processes_match_one_process_and_resume(tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(torch.nn.functional, "batch_norm", _frozen_batch_norm)
         _one_process(tmp_path / "frozen1", frozen)
-    _torchrun([*frozen, "--out", str(tmp_path / "frozen2")], script=__file__, env={"PD_TEST_FREEZE_BN": "1"})
+    run = _torchrun([*frozen, "--out", str(tmp_path / "frozen2")], script=__file__,
+                    env={"PD_TEST_FREEZE_BN": "1", "PD_TEST_REPORT_THREADS": "1"})
+    # Teardown: the process group is destroyed with its gloo worker and TCP threads before the interpreter
+    # exits (threads left running into interpreter shutdown made the exit abort now and then).
+    left = [ln for ln in run.stdout.splitlines() if ln.startswith("threads after training:")]
+    assert len(left) == 2 and not any("gloo" in ln for ln in left), left
     (t1, l1), (t2, l2) = _result(tmp_path / "frozen1"), _result(tmp_path / "frozen2")
     # Measured agreement ~1e-7 (reduction order only); slicing the augmentation per rank wrongly moves the
     # training loss by ~1e-4 already in this one epoch, so 1e-5 separates the two.
@@ -162,7 +167,11 @@ def _launch() -> int:
                 os._exit(9)  # like a SIGKILL right after the checkpoint: no clean-up of any kind
 
         RunLogger.epoch = epoch_then_die  # type: ignore[method-assign]
-    return main(sys.argv[1:])
+    code = main(sys.argv[1:])
+    if os.environ.get("PD_TEST_REPORT_THREADS"):  # the threads this process still runs once training returned
+        names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+        print(f"threads after training: {names}", flush=True)
+    return code
 
 
 if __name__ == "__main__":

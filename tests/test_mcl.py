@@ -13,10 +13,11 @@ import torch
 from peerdistill.config import load
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
+from peerdistill.data.samplers import MPerClassSampler
 from peerdistill.methods.contrastive import bank_logits, batch_masks, mutual_contrast, supcon
 
 from .conftest import no_host_reads
-from .reference import checkpoint_after_one_epoch, np_kd
+from .reference import as_float64, checkpoint_after_one_epoch, close32, np_kd
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -87,6 +88,7 @@ def test_masks_are_the_codes_and_the_instance_positive_option():
     assert bool(den.all())
 
 
+@pytest.mark.numerical
 def test_supcon_matches_hand_formula_with_handwritten_masks():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(4, 4, generator=g, dtype=torch.float64) * 3
@@ -99,6 +101,7 @@ def test_supcon_matches_hand_formula_with_handwritten_masks():
     assert float(got) == pytest.approx(np_supcon(s.numpy(), pos, den, w.numpy()), rel=1e-10)
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("instance_positive", [False, True])
 def test_four_terms_match_hand_formulas(instance_positive):
     g = torch.Generator().manual_seed(1)
@@ -107,7 +110,7 @@ def test_four_terms_match_hand_formulas(instance_positive):
     got = mutual_contrast(v, pairs, y, TAU, T, vcl_once=True, instance_positive=instance_positive)
     want = np_mcl_terms(v.numpy(), y.numpy(), instance_positive)
     for k in want:
-        assert float(got[k]) == pytest.approx(want[k], rel=1e-5), k
+        assert float(got[k]) == pytest.approx(want[k], rel=1e-12), k  # float64 throughout
     if instance_positive:  # the option really changes ICL, and only ICL
         base = mutual_contrast(v, pairs, y, TAU, T, vcl_once=True)
         assert abs(float(base["icl"]) - float(got["icl"])) > 1e-3
@@ -129,6 +132,7 @@ def test_default_icl_ignores_the_other_networks_view_of_the_same_image():
                - float(supcon((v[0] @ v[1].T / TAU)[:1], pos[:1], den[:1]))) > 1e-6
 
 
+@pytest.mark.numerical
 def test_soft_terms_detach_the_target_side():
     g = torch.Generator().manual_seed(3)
     v0 = unit(g, 2, 6, 4)
@@ -150,28 +154,32 @@ def test_soft_terms_detach_the_target_side():
             return kl(s[a], s[b], detach) + kl(s[b], s[a], detach)
 
         want = torch.autograd.grad(hand(), u, retain_graph=True)[0]
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), term  # kd_kl computes in float32
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), term  # float64 throughout
         wrong = torch.autograd.grad(hand(detach=False), u)[0]
         assert not torch.allclose(got, wrong, rtol=1e-2, atol=1e-3), term
 
 
 # ------------------------------------------------------------------ through the method
+@pytest.mark.numerical
 @pytest.mark.parametrize("peers", [2, 3])
 def test_method_terms_and_logit_distill_conventions(peers):
     tr = trainer(f"peers={peers}", "method.logit_distill=true")
     rec = record(tr)
     terms = tr.method.losses(rec)
+    # the formulas in float64 (the engine's record and the heads moved to float64): exact on any CPU
+    exact = tr.method.double().losses(as_float64(rec))
+    tr.method.float()
     v = np.stack([hand_projection(h, o.embedding) for h, o in zip(tr.method.proj, rec.outputs)])
     want = np_mcl_terms(v, rec.labels.numpy())
     weight = {"vcl": 0.1, "icl": 0.1, "soft_vcl": 1.0, "soft_icl": 1.0}
     for k, w in weight.items():
-        assert float(terms[k].detach()) == pytest.approx(w * want[k], rel=1e-4), k
+        assert float(exact[k].detach()) == pytest.approx(w * want[k], rel=1e-10), k
     z = [o.logits.detach().double().numpy() for o in rec.outputs]
     z_bar = np.mean(z, axis=0)
     students = [0, 1] if peers == 2 else [peers - 1]  # code: both of a pair, else only the last
     assert sorted(k for k in terms if k.startswith("kd")) == [f"kd{i}" for i in students]
     for i in students:
-        assert float(terms[f"kd{i}"].detach()) == pytest.approx(np_kd(z[i], z_bar, T), rel=1e-4)
+        assert float(exact[f"kd{i}"].detach()) == pytest.approx(np_kd(z[i], z_bar, T), rel=1e-10)
     # the ensemble target is detached: the last net's KD reaches only that net
     terms[f"kd{peers - 1}"].backward(retain_graph=True)
     nets = tr.cohort.nets
@@ -210,6 +218,46 @@ def test_batches_are_m_per_class():
     assert trainer("method.contrast=bank").method.needs.sampler.describe() == "random"  # the ImageNet code
 
 
+def test_per_batch_sampling_draws_afresh_for_every_batch_as_the_code():
+    """The code's MPerClassSampler draws 2 images of batch/2 classes afresh for every batch, N // B batches an
+    epoch: the same make-up, but images repeat within an epoch; ours covers every image once."""
+    labels = np.repeat(np.arange(10), 20)  # 200 images of 10 classes
+    for classes in (10, 2):  # more classes than the 4 groups of a batch of 8, and fewer
+        lab = labels % classes
+        cover = MPerClassSampler(2).epoch(lab, 8, 1, seed=0, epoch=0)
+        drawn = MPerClassSampler(2, per_batch=True).epoch(lab, 8, 1, seed=0, epoch=0)
+        assert drawn.shape == (25, 8) and len(set(cover.flatten().tolist())) == cover.numel()
+        assert len(set(drawn.flatten().tolist())) < drawn.numel()  # a fresh draw per batch repeats images
+        for row in drawn:
+            counts = np.bincount(lab[row.numpy()], minlength=classes)
+            assert set(counts.tolist()) <= ({0, 2} if classes == 10 else {0, 2, 4, 6, 8}), counts
+        assert not torch.equal(drawn, MPerClassSampler(2, per_batch=True).epoch(lab, 8, 1, seed=0, epoch=1))
+    tr = trainer("method.sampling=per_batch", "data.num_classes=10", "data.size=200")
+    assert tr.method.needs.sampler.per_batch and "drawn per batch" in tr.method.needs.sampler.describe()
+    assert all(bool((torch.bincount(b.labels) % 2 == 0).all()) for b in tr.train_loader)
+    with pytest.raises(PeerdistillError, match="contrast=batch"):
+        trainer("method.contrast=bank", "method.sampling=per_batch")
+
+
+@pytest.mark.numerical
+def test_logit_distill_imagenet_rule_distils_the_last_net_from_the_undetached_mean():
+    """main_imagenet.py: only the last network distils, from the mean of the logits, not detached; it is
+    the default of the bank form (the ImageNet code), main_cifar.py's rule that of the in-batch form."""
+    assert trainer("method.contrast=bank").method.logit_rule == "imagenet"
+    assert trainer().method.logit_rule == "cifar"
+    tr = trainer("peers=2", "method.logit_distill=true", "method.logit_rule=imagenet", "method.alpha=0",
+                 "method.beta=0", "method.gamma=0", "method.lam=0")
+    rec = record(tr)
+    terms = tr.method.losses(rec)
+    assert sorted(terms) == ["ce0", "ce1", "kd1"]  # a pair, yet only the last net distils
+    z = [o.logits.detach().double().numpy() for o in rec.outputs]
+    exact = tr.method.double().losses(as_float64(rec))["kd1"]
+    tr.method.float()
+    assert float(exact.detach()) == pytest.approx(np_kd(z[1], (z[0] + z[1]) / 2, T), rel=1e-10)
+    terms["kd1"].backward()  # the mean is not detached: the KD trains network 0 too
+    assert all(any(p.grad is not None and p.grad.any() for p in net.parameters()) for net in tr.cohort.nets)
+
+
 def test_mcl_x4_shares_stem_and_first_stage_and_heterogeneous_pairs_work():
     tr = trainer("peers=4", "method.share=stage1")
     nets = tr.cohort.nets
@@ -229,9 +277,9 @@ def test_eval_heads_include_both_ensembles():
         outs = tr.cohort([torch.randn(4, 3, 16, 16)] * 3)
     heads = tr.method.eval_heads(outs)
     assert {"peer0", "peer1", "peer2", "ensemble", "logit_ensemble"} <= set(heads)
-    assert torch.allclose(heads["logit_ensemble"], sum(o.logits for o in outs) / 3, atol=1e-6)
-    probs = sum(torch.softmax(o.logits, 1) for o in outs) / 3
-    assert torch.allclose(heads["ensemble"].exp(), probs, atol=1e-6)
+    z = torch.stack([o.logits.double() for o in outs])
+    assert close32(heads["logit_ensemble"], z.mean(0), z.abs().amax(0))
+    assert close32(heads["ensemble"].exp(), z.softmax(2).mean(0), 1.0)  # probabilities: magnitude 1
 
 
 # ------------------------------------------------------------------ memory bank
@@ -251,17 +299,20 @@ def test_bank_sampling_positive_and_negatives():
     assert int(idx[:, 2:].max()) < len(labels) and int(idx.min()) >= 0
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("bank_rows,neg", [(8, 6), (5000, 6)])  # the scored-bank route, the gather route
 def test_bank_logits_routes_agree_with_the_definition(bank_rows, neg):
     g = torch.Generator().manual_seed(0)
     v, banks = torch.randn(2, 5, 4, generator=g), torch.randn(2, bank_rows, 4, generator=g)
     idx = torch.randint(0, bank_rows, (5, 2 + neg), generator=g)
-    want = np.einsum("ibkf,jbf->ijbk", banks.numpy()[:, idx.numpy()], v.numpy())
-    assert np.allclose(bank_logits(v, banks, idx).numpy(), want, atol=1e-5)
+    mem, vv = banks.double().numpy()[:, idx.numpy()], v.double().numpy()
+    want, mag = np.einsum("ibkf,jbf->ijbk", mem, vv), np.einsum("ibkf,jbf->ijbk", np.abs(mem), np.abs(vv))
+    assert close32(bank_logits(v, banks, idx), want, mag)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # similarities stay float32 under the default precision
-        assert np.allclose(bank_logits(v, banks, idx).numpy(), want, atol=1e-5)
+        assert close32(bank_logits(v, banks, idx), want, mag)
 
 
+@pytest.mark.numerical
 def test_bank_terms_and_momentum_update_with_renormalisation():
     tr = trainer(*BANK)
     m = tr.method
@@ -270,7 +321,7 @@ def test_bank_terms_and_momentum_update_with_renormalisation():
     assert float(m.banks.abs().max()) <= s and float(m.banks.abs().max()) > 0.9 * s  # U(-s, s) init
     rec = record(tr)
     before = m.banks.clone()
-    terms = m.losses(rec)
+    terms = m.double().losses(as_float64(rec))  # the formulas in float64: exact on any CPU
     idx = m.draw_indices(rec.index, rec.step).numpy()
     v = [hand_projection(h, o.embedding) for h, o in zip(m.proj, rec.outputs)]
     mem = before.double().numpy()
@@ -284,16 +335,15 @@ def test_bank_terms_and_momentum_update_with_renormalisation():
             "vcl": sum(np_supcon(lg[k, k][:, 1:], pos_w, ~np.zeros_like(pos_w)) for k in range(2)),
             "soft_vcl": np_kd(lg[0, 0][:, 1:], lg[1, 1][:, 1:], T) + np_kd(lg[1, 1][:, 1:], lg[0, 0][:, 1:], T)}
     for k, w in {"vcl": 0.1, "icl": 0.1, "soft_vcl": 1.0, "soft_icl": 1.0}.items():
-        assert float(terms[k].detach()) == pytest.approx(w * want[k], rel=1e-4), k
+        assert float(terms[k].detach()) == pytest.approx(w * want[k], rel=1e-10), k
     m.update(rec)
     for k in range(2):
         new = 0.5 * mem[k][rec.index.numpy()] + 0.5 * v[k]
         new /= np.linalg.norm(new, axis=1, keepdims=True)
-        assert np.allclose(m.banks[k][rec.index].numpy(), new, atol=1e-6)
-        assert np.allclose(np.linalg.norm(m.banks[k][rec.index].numpy(), axis=1), 1.0, atol=1e-6)
+        assert np.allclose(m.banks[k][rec.index].numpy(), new, rtol=0, atol=1e-12)
     others = torch.ones(len(tr.data.train), dtype=torch.bool)
     others[rec.index] = False
-    assert torch.equal(m.banks[:, others], before[:, others])  # only the batch's rows move
+    assert torch.equal(m.banks[:, others], before[:, others].double())  # only the batch's rows move
 
 
 def test_bank_refuses_a_mixer_the_batch_form_takes_it():

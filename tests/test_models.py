@@ -115,16 +115,18 @@ def test_backward_reaches_every_parameter(name: str, cin: int, size: int, classe
     assert not missing, f"no gradient for {missing[:5]}"
 
 
-@pytest.mark.parametrize(("cin", "size", "classes"), SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("name", ALL)
-def test_channels_last(name: str, cin: int, size: int, classes: int) -> None:
-    model = _make(name, cin, classes).eval()
-    x = _input(cin, size)
+def test_channels_last(name: str) -> None:
+    # float64: the two memory formats compute the same function, which float64 shows to its precision on any
+    # CPU (in float32 their kernels round differently, by an amount that grows with the depth of the net).
+    # 16 x 16 RGB keeps float64's slower convolutions cheap.
+    model = _make(name, 3, 10).eval().double()
+    x = _input(3, 16).double()
     with torch.no_grad():
         ref = model(x)
         model = model.to(memory_format=torch.channels_last)
         out = model(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("name", ALL)

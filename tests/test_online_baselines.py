@@ -19,7 +19,7 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS, DataInfo, StepRecord
 from peerdistill.methods.functional import linear_ensemble_weights, min_logit_ensemble
 from peerdistill.models.cohort import build_cohort
-from .reference import branch, has_grad, no_grad, np_ce, np_kd, record
+from .reference import branch, close32, f32, has_grad, no_grad, np_ce, np_ce_mag, np_kd, np_kd_mag, record
 
 BASE = ["data.name=synthetic", "data.size=48", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -67,6 +67,7 @@ def test_each_method_builds_its_cohort_for_every_pcl_table_model(model):
 
 
 # ------------------------------------------------------------------ CL-ILR
+@pytest.mark.numerical
 def test_cl_ilr_terms_match_hand_formula():
     tr = trainer("method=cl_ilr", "peers=3", "method.ce_weight=0.3", "method.weight=0.6",
                  "method.temperature=2.5", "method.rampup_epochs=10")
@@ -77,23 +78,22 @@ def test_cl_ilr_terms_match_hand_formula():
     w = 0.6 * math.exp(-5 * (1 - 5 / 10) ** 2)
     for i in range(3):
         others = (z[(i + 1) % 3] + z[(i + 2) % 3]) / 2  # the other heads' mean logits, then softened
-        assert terms[f"ce{i}"] == pytest.approx(0.3 * np_ce(z[i], y), rel=1e-5)
-        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], others, 2.5), rel=1e-4)
+        assert terms[f"ce{i}"] == f32(0.3 * np_ce(z[i], y), 0.3 * np_ce_mag(z[i], y))
+        assert terms[f"kl{i}"] == f32(w * np_kd(z[i], others, 2.5), w * np_kd_mag(z[i], others, 2.5))
 
 
 def test_cl_ilr_trunk_gradient_is_exactly_one_mth_of_the_unscaled_one():
+    # m = 4 heads: scaling by 1/4 is exact in binary floating point, so the check is bit for bit on any CPU
     grads = {}
     for rescale in ("true", "false"):
-        tr = trainer("method=cl_ilr", "peers=3", f"method.rescale={rescale}")
-        assert tr.cohort.trunk_grad_scale == pytest.approx(1 / 3 if rescale == "true" else 1.0)
+        tr = trainer("method=cl_ilr", "peers=4", f"method.rescale={rescale}")
+        assert tr.cohort.trunk_grad_scale == (0.25 if rescale == "true" else 1.0)
         sum(tr.method.losses(record(tr)).values()).backward()
         grads[rescale] = ([p.grad.clone() for p in trunk(tr)], [p.grad.clone() for p in branch(tr, 1)])
     (t_on, b_on), (t_off, b_off) = grads["true"], grads["false"]
     assert any(g.abs().sum() > 0 for g in t_off)
-    for g_on, g_off in zip(t_on, t_off):
-        assert torch.allclose(g_on, g_off / 3, rtol=1e-4, atol=1e-6 * float(g_off.abs().max()))
-    for g_on, g_off in zip(b_on, b_off):  # the branches' own gradients are not rescaled
-        assert torch.allclose(g_on, g_off, rtol=1e-5, atol=1e-6 * float(g_off.abs().max()))
+    assert all(torch.equal(g_on, g_off / 4) for g_on, g_off in zip(t_on, t_off))
+    assert all(torch.equal(g_on, g_off) for g_on, g_off in zip(b_on, b_off))  # the branches' own: not rescaled
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -115,6 +115,7 @@ def okddip_default() -> Trainer:
     return okddip_trainer()
 
 
+@pytest.mark.numerical
 def test_okddip_attention_and_terms_match_hand_computation():
     tr = okddip_trainer("method.temperature=2.0", "method.weight=0.5")
     m = tr.method
@@ -131,17 +132,24 @@ def test_okddip_attention_and_terms_match_hand_computation():
         energy = q @ k.T  # no 1/sqrt(d), j ranges over every peer including i
         a = np.exp(energy - energy.max(1, keepdims=True))
         a /= a.sum(1, keepdims=True)
-        assert np.allclose(got_a[b], a, atol=1e-5)
-        x = a @ np.stack([z[j][b] for j in range(3)])  # x_i = sum_j a_ij z_j
-        assert np.allclose(x_all[b], x, atol=1e-4)
+        # float32 rounds each energy within the size of its terms |q| |k| (themselves |h| |W|); a softmax
+        # weight moves by at most 2 a_ij max|d energy|, and x_i = sum_j a_ij z_j rounds within max|z|
+        e_mag = np.stack([np.abs(h[i][b]) @ np.abs(wq).T for i in range(3)]) @ np.stack(
+            [np.abs(h[j][b]) @ np.abs(wk).T for j in range(3)]).T
+        a_mag = 2 * a * 2 * e_mag.max()
+        assert close32(torch.from_numpy(got_a[b]), a, a_mag)
+        zb = np.stack([z[j][b] for j in range(3)])
+        x = a @ zb  # x_i = sum_j a_ij z_j
+        assert close32(torch.from_numpy(x_all[b]), x, np.abs(zb).max() * (1 + a_mag.sum(1, keepdims=True)))
     terms = values(m.losses(rec))
     assert set(terms) == {"ce0", "ce1", "ce2", "kl0", "kl1", "kl2", "ce_leader", "kl_leader"}
     w = 0.5 * math.exp(-5 * (1 - 40 / 80) ** 2)
     for i in range(3):
-        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
-        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], x_all[:, i], 2.0), rel=1e-4)
-    assert terms["ce_leader"] == pytest.approx(np_ce(z[3], y), rel=1e-5)
-    assert terms["kl_leader"] == pytest.approx(w * np_kd(z[3], (z[0] + z[1] + z[2]) / 3, 2.0), rel=1e-4)
+        assert terms[f"ce{i}"] == f32(np_ce(z[i], y), np_ce_mag(z[i], y))
+        assert terms[f"kl{i}"] == f32(w * np_kd(z[i], x_all[:, i], 2.0), w * np_kd_mag(z[i], x_all[:, i], 2.0))
+    assert terms["ce_leader"] == f32(np_ce(z[3], y), np_ce_mag(z[3], y))
+    z_mean = (z[0] + z[1] + z[2]) / 3
+    assert terms["kl_leader"] == f32(w * np_kd(z[3], z_mean, 2.0), w * np_kd_mag(z[3], z_mean, 2.0))
 
 
 def test_okddip_gradient_routing_with_undetached_targets(okddip_default):
@@ -179,10 +187,13 @@ def test_okddip_eval_heads_are_the_peers_their_ensemble_and_the_leader(okddip_de
     tr = okddip_default
     rec = record(tr)
     heads = tr.method.eval_heads(rec.outputs)
-    assert set(heads) == {"peer0", "peer1", "peer2", "ensemble", "leader"}
+    assert set(heads) == {"peer0", "peer1", "peer2", "ensemble", "logit_ensemble", "leader"}
     assert torch.equal(heads["leader"], rec.outputs[3].logits)
     probs = sum(torch.softmax(o.logits.detach(), 1) for o in rec.outputs[:3]) / 3  # leader excluded
-    assert torch.allclose(heads["ensemble"].detach().exp(), probs, atol=1e-6)
+    assert close32(heads["ensemble"].exp(), probs, 1.0)  # probabilities: magnitude 1
+    # the official train_GL.py logs torch.mean(output_batch, dim=2): the peers' mean logits, leader excluded
+    z = torch.stack([o.logits.detach().double() for o in rec.outputs[:3]])
+    assert close32(heads["logit_ensemble"], z.mean(0), z.abs().amax(0))
 
 
 # ------------------------------------------------------------------ KDCL
@@ -218,6 +229,7 @@ def test_kdcl_ensembles_on_hand_written_logits():
         assert np_ce(sum(float(c) * zi for c, zi in zip(w20, zn)), yy.numpy()) <= ce[best] + 1e-2
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("ensemble", ["naive", "linear", "minlogit"])
 def test_kdcl_terms_match_hand_formula_and_targets_stay_detached(ensemble):
     tr = trainer("method=kdcl", "peers=2", f"method.ensemble={ensemble}", "method.weight=0.7")
@@ -235,8 +247,11 @@ def test_kdcl_terms_match_hand_formula_and_targets_stay_detached(ensemble):
     terms = tr.method.losses(rec)
     got = values(terms)
     for i in range(2):
-        assert got[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
-        assert got[f"kl{i}"] == pytest.approx(0.7 * np_kd(z[i], target, 2.0), rel=1e-4)
+        assert got[f"ce{i}"] == f32(np_ce(z[i], y), np_ce_mag(z[i], y))
+        # the target combines the students' logits (minlogit: differences of two): it rounds within their size
+        t_mag = 2 * (np.abs(z[0]) + np.abs(z[1]))
+        kd_mag = np_kd_mag(z[i], target, 2.0, teacher_mag=t_mag)
+        assert got[f"kl{i}"] == f32(0.7 * np_kd(z[i], target, 2.0), 0.7 * kd_mag)
     terms["kl0"].backward()
     assert has_grad(tr.cohort.nets[0].parameters()) and no_grad(tr.cohort.nets[1].parameters())
 
@@ -250,36 +265,48 @@ def test_kdcl_trains_heterogeneous_students():
 
 
 # ------------------------------------------------------------------ FFL
-def hand_fusion(fusion, maps: list[torch.Tensor]) -> torch.Tensor:
-    """The fusion module written out: depthwise conv, BN (batch statistics), ReLU, 1x1, BN, ReLU, GAP, FC."""
-    def bn(x, mod):
+def hand_fusion(fusion, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fusion module written out in float64: depthwise conv, BN (batch statistics), ReLU, 1x1, BN, ReLU,
+    GAP, FC. Also returns the magnitude a float32 forward rounds within: every layer's sum of |terms|,
+    carried forward through |W| (a first-order running bound)."""
+    def bn(x, m, mod):
         mu, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
-        return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight.view(1, -1, 1, 1) + mod.bias.view(1, -1, 1, 1)
+        sd, g, b = torch.sqrt(var + mod.eps), mod.weight.double().view(1, -1, 1, 1), mod.bias.double().view(1, -1, 1, 1)
+        return (x - mu) / sd * g + b, (m + mu.abs()) / sd * g.abs() + b.abs()
 
-    x = torch.cat([t.detach() for t in maps], 1)
-    c = x.shape[1]
-    x = torch.relu(bn(F.conv2d(x, fusion.depthwise.weight, padding=1, groups=c), fusion.bn1))
-    x = torch.relu(bn(F.conv2d(x, fusion.pointwise.weight), fusion.bn2))
-    return x.mean((2, 3)) @ fusion.fc.weight.T + fusion.fc.bias
+    def conv(x, m, w, **kw):
+        return F.conv2d(x, w.double(), **kw), F.conv2d(m, w.double().abs(), **kw)
+
+    x = torch.cat([t.detach().double() for t in maps], 1)
+    c, m = x.shape[1], x.abs()
+    x, m = bn(*conv(x, m, fusion.depthwise.weight, padding=1, groups=c), fusion.bn1)
+    x, m = bn(*conv(torch.relu(x), m, fusion.pointwise.weight), fusion.bn2)
+    x, m = torch.relu(x).mean((2, 3)), m.mean((2, 3))
+    w, b = fusion.fc.weight.double(), fusion.fc.bias.double()
+    return x @ w.T + b, m @ w.abs().T + b.abs()
 
 
+@pytest.mark.numerical
 def test_ffl_fused_logits_and_terms_match_hand_formula():
     tr = trainer("method=ffl", "peers=2", "method.temperature=2.0", "method.weight=0.8")
     m = tr.method
     assert tr.cohort.shared == 2 and tr.taps == ("stage3",)
     rec = record(tr, epoch=20)
     with torch.no_grad():
-        z_f = hand_fusion(m.fusion, [o.maps["stage3"] for o in rec.outputs])
-        assert torch.allclose(m.fused(rec.outputs), z_f, atol=1e-5)
+        z_f, zf_mag = hand_fusion(m.fusion, [o.maps["stage3"] for o in rec.outputs])
+        assert close32(m.fused(rec.outputs), z_f, zf_mag)
     terms = values(m.losses(rec))
     assert set(terms) == {"ce0", "ce1", "ce_fused", "kl0", "kl1", "kl_fused"}
-    z, zf, y = logits(rec), z_f.double().numpy(), rec.labels.numpy()
+    z, zf, zf_mag, y = logits(rec), z_f.numpy(), zf_mag.numpy(), rec.labels.numpy()
     w = 0.8 * math.exp(-5 * (1 - 20 / 80) ** 2)
     for i in range(2):
-        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
-        assert terms[f"kl{i}"] == pytest.approx(w * np_kd(z[i], zf, 2.0), rel=1e-4)
-    assert terms["ce_fused"] == pytest.approx(np_ce(zf, y), rel=1e-5)
-    assert terms["kl_fused"] == pytest.approx(w * np_kd(zf, (z[0] + z[1]) / 2, 2.0), rel=1e-4)
+        assert terms[f"ce{i}"] == f32(np_ce(z[i], y), np_ce_mag(z[i], y))
+        assert terms[f"kl{i}"] == f32(w * np_kd(z[i], zf, 2.0), w * np_kd_mag(z[i], zf, 2.0, teacher_mag=zf_mag))
+    # the library's fused logits round within zf_mag: a CE moves by at most 2 per unit, a KL by 2 T
+    assert terms["ce_fused"] == f32(np_ce(zf, y), np_ce_mag(zf, y) + 2 * zf_mag.max(1).mean())
+    z_mean = (z[0] + z[1]) / 2
+    kl_fused_mag = np_kd_mag(zf, z_mean, 2.0) + 2 * 2.0 * zf_mag.max(1).mean()
+    assert terms["kl_fused"] == f32(w * np_kd(zf, z_mean, 2.0), w * kl_fused_mag)
     m.eval()
     assert set(m.eval_heads(rec.outputs)) == {"peer0", "peer1", "ensemble", "fused"}
 

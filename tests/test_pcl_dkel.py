@@ -24,7 +24,7 @@ from peerdistill.methods.pcl import code_rampup
 from peerdistill.models.cohort import build_cohort
 
 from .conftest import killed_and_resumed
-from .reference import branch, has_grad, no_grad, np_ce, np_kd, record
+from .reference import branch, close32, f32, has_grad, no_grad, np_ce, np_ce_mag, np_kd, np_kd_mag, record
 
 BASE = ["data.name=synthetic", "data.size=64", "data.image_size=16", "data.num_classes=5", "model=resnet8",
         "batch_size=16", "epochs=1", "progress=false", "tensorboard=false", "precision=fp32",
@@ -62,7 +62,8 @@ def tiny_record(epoch: int, seed: int = 0):
     view = View(torch.zeros(B, 1, 2, 2), y, torch.arange(B))
     rec = StepRecord([view] * M, [PeerOutput(z[i], f[i]) for i in range(M)], [], K,
                      ema=[PeerOutput(zbar[i], f[i]) for i in range(M)], epoch=epoch)
-    return rec, [t.numpy() for t in z], np.concatenate([t.numpy() for t in f], 1), [t.numpy() for t in zbar], y.numpy()
+    as64 = lambda ts: [t.double().numpy() for t in ts]  # noqa: E731  the reference in float64
+    return rec, as64(z), np.concatenate(as64(f), 1), as64(zbar), y.numpy()
 
 
 def tiny_method(name: str, *args: str):
@@ -73,9 +74,20 @@ def tiny_method(name: str, *args: str):
         method.ensemble_fc.weight.copy_(torch.linspace(-1, 1, K * M * D).view(K, M * D))
         method.ensemble_fc.bias.copy_(torch.arange(K, dtype=torch.float) / 10)
     method.num_classes = K
-    return method, method.ensemble_fc.weight.detach().numpy(), method.ensemble_fc.bias.detach().numpy()
+    return method, method.ensemble_fc.weight.detach().double().numpy(), method.ensemble_fc.bias.detach().double().numpy()
 
 
+def ensemble_teacher(f: np.ndarray, w_fc: np.ndarray, b_fc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z_e = FC([f_0, f_1, f_2]) in float64, and the size of its terms (float32 rounds each logit within it)."""
+    return f @ w_fc.T + b_fc, np.abs(f) @ np.abs(w_fc).T + np.abs(b_fc)
+
+
+def ce_mag_through(z: np.ndarray, y: np.ndarray, z_mag: np.ndarray) -> float:
+    """CE magnitude when the library's logits themselves round within ``z_mag``: a CE moves by 2 per unit."""
+    return np_ce_mag(z, y) + 2 * float(z_mag.max(1).mean())
+
+
+@pytest.mark.numerical
 @pytest.mark.parametrize("epoch", [0, 1, 40, 100])
 @pytest.mark.parametrize("rampup", ["correct", "code"])
 def test_pcl_terms_equal_hand_formulas(epoch, rampup):
@@ -83,19 +95,20 @@ def test_pcl_terms_equal_hand_formulas(epoch, rampup):
     rec, z, f, zbar, y = tiny_record(epoch)
     terms = {k: float(v.detach()) for k, v in method.losses(rec).items()}
     assert set(terms) == {"ce_ens", *(f"{n}{i}" for n in ("ce", "kd_ens", "kd_mean") for i in range(M))}
-    z_e = f @ w_fc.T + b_fc  # the ensemble classifier on [f_0, f_1, f_2]
+    z_e, ze_mag = ensemble_teacher(f, w_fc, b_fc)  # the ensemble classifier on [f_0, f_1, f_2]
     if rampup == "correct":
         w = math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2)
     else:  # the released code: lambd * exp(-5 (1 - epoch / lambd)^2) up to epoch 80, lambd = 1
         w = {0: math.exp(-5), 1: 1.0, 40: math.exp(-5 * 39 ** 2), 100: 1.0}[epoch]
-    assert terms["ce_ens"] == pytest.approx(np_ce(z_e, y), rel=1e-5)
+    assert terms["ce_ens"] == f32(np_ce(z_e, y), ce_mag_through(z_e, y, ze_mag))
     for i in range(M):
-        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
-        assert terms[f"kd_ens{i}"] == pytest.approx(w * np_kd(z[i], z_e, 3.0), rel=1e-4, abs=1e-12)
-        pm = sum(np_kd(z[i], zbar[j], 3.0) for j in range(M) if j != i) / (M - 1)
-        assert terms[f"kd_mean{i}"] == pytest.approx(w * pm, rel=1e-4, abs=1e-12)
+        assert terms[f"ce{i}"] == f32(np_ce(z[i], y), np_ce_mag(z[i], y))
+        assert terms[f"kd_ens{i}"] == f32(w * np_kd(z[i], z_e, 3.0), w * np_kd_mag(z[i], z_e, 3.0, teacher_mag=ze_mag))
+        pm, pm_mag = (sum(fn(z[i], zbar[j], 3.0) for j in range(M) if j != i) / (M - 1) for fn in (np_kd, np_kd_mag))
+        assert terms[f"kd_mean{i}"] == f32(w * pm, w * pm_mag)
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("epoch", [0, 4, 9, 10, 100])
 @pytest.mark.parametrize("k", [0.5, 0.0])
 def test_dkel_terms_equal_hand_formulas(epoch, k):
@@ -107,16 +120,17 @@ def test_dkel_terms_equal_hand_formulas(epoch, k):
     r = 0.1 * math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2)  # lambda = 0.1
     w_ens = math.exp(-k * epoch)
     w_ens = w_ens if w_ens > 0.01 else 0.0
-    z_e = f @ w_fc.T + b_fc
-    assert terms["ce_ens"] == pytest.approx(np_ce(z_e, y), rel=1e-5)
+    z_e, ze_mag = ensemble_teacher(f, w_fc, b_fc)
+    assert terms["ce_ens"] == f32(np_ce(z_e, y), ce_mag_through(z_e, y, ze_mag))
     for i in range(M):
         others = [zbar[j] for j in range(M) if j != i]
-        assert terms[f"ce{i}"] == pytest.approx(np_ce(z[i], y), rel=1e-5)
-        assert terms[f"kd_ens{i}"] == pytest.approx(r * np_kd(z[i], z_e, 3.0), rel=1e-4)
-        individual = sum(np_kd(z[i], t, 3.0) for t in others) / (M - 1)
-        assert terms[f"kd_mean{i}"] == pytest.approx(r * (1 - w_ens) * individual, rel=1e-4, abs=1e-12)
-        ensemble = np_kd(z[i], (others[0] + others[1]) / 2, 3.0)  # mean of the other teachers' logits
-        assert terms[f"kd_mean_ens{i}"] == pytest.approx(r * w_ens * ensemble, rel=1e-4, abs=1e-12)
+        assert terms[f"ce{i}"] == f32(np_ce(z[i], y), np_ce_mag(z[i], y))
+        assert terms[f"kd_ens{i}"] == f32(r * np_kd(z[i], z_e, 3.0), r * np_kd_mag(z[i], z_e, 3.0, teacher_mag=ze_mag))
+        individual, ind_mag = (sum(fn(z[i], t, 3.0) for t in others) / (M - 1) for fn in (np_kd, np_kd_mag))
+        assert terms[f"kd_mean{i}"] == f32(r * (1 - w_ens) * individual, r * (1 - w_ens) * ind_mag)
+        mean = (others[0] + others[1]) / 2  # the mean of the other teachers' logits
+        ens_mag = np_kd_mag(z[i], mean, 3.0, teacher_mag=(np.abs(others[0]) + np.abs(others[1])) / 2)
+        assert terms[f"kd_mean_ens{i}"] == f32(r * w_ens * np_kd(z[i], mean, 3.0), r * w_ens * ens_mag)
     if k == 0.5 and epoch >= 10:
         assert all(terms[f"kd_mean_ens{i}"] == 0 for i in range(M))
 
@@ -150,6 +164,7 @@ def pcl_trainer():
     return make_trainer("method=pcl")
 
 
+@pytest.mark.numerical
 def test_pcl_cohort_views_and_ema_outputs(pcl_trainer):
     tr = pcl_trainer
     assert len(tr.cohort) == 3 and tr.cohort.shared == 2 and tr.ema.warmup == "meanteacher"
@@ -159,12 +174,29 @@ def test_pcl_cohort_views_and_ema_outputs(pcl_trainer):
     teacher = copy.deepcopy(tr.ema.module).train()  # train mode: batch statistics, as the engine ran it
     with torch.no_grad():
         outs = teacher([v.x for v in rec.views])
-    for j in range(3):  # rec.ema[j] is the EMA's branch j on view j
-        assert torch.allclose(rec.ema[j].logits, outs[j].logits, atol=1e-6)
-    z_e = torch.cat([o.embedding for o in rec.outputs], 1) @ tr.method.ensemble_fc.weight.T + tr.method.ensemble_fc.bias
-    assert torch.allclose(tr.method.ensemble_logits(rec.outputs), z_e, atol=1e-6)
+    for j in range(3):  # rec.ema[j] is the EMA's branch j on view j: the same computation re-run
+        assert close32(rec.ema[j].logits, outs[j].logits, outs[j].logits.abs().max())
+    emb, fc = torch.cat([o.embedding for o in rec.outputs], 1).detach().double(), tr.method.ensemble_fc
+    w_fc, b_fc = fc.weight.detach().double(), fc.bias.detach().double()
+    assert close32(tr.method.ensemble_logits(rec.outputs), emb @ w_fc.T + b_fc, emb.abs() @ w_fc.abs().T + b_fc.abs())
     heads = tr.evaluate(tr.data.test)
     assert {"peer0", "peer1", "peer2", "ensemble", "ema0", "ema1", "ema2", "ens_teacher"} <= set(heads)
+
+
+@pytest.mark.parametrize("name", ["pcl", "dkel"])
+def test_branch_classifiers_start_independent_or_as_the_codes_copies(name):
+    """The PCL / DKEL code deep-copies branch 1 and re-initialises only its convolutions, so the branches'
+    classifiers start identical: ``classifier_init=copy``; the default initialises each on its own."""
+    def classifiers(*over):
+        tr = make_trainer(f"method={name}", *over)
+        return ([n.classifier.state_dict() for n in tr.cohort.nets],
+                [n.classifier.state_dict() for n in tr.ema.module.nets])
+
+    own, _ = classifiers()
+    assert not torch.equal(own[0]["weight"], own[1]["weight"])
+    copied, ema = classifiers("method.classifier_init=copy")
+    for c in (*copied[1:], *ema):  # the EMA copy is taken after the method set the cohort up
+        assert all(torch.equal(c[k], copied[0][k]) for k in ("weight", "bias"))
 
 
 def test_pcl_gradient_routing(pcl_trainer):
@@ -228,6 +260,7 @@ def test_dkel_initialisation_takes_init_plus_one_steps_and_only_moves_the_teache
     assert int(off.method.init_steps) == 0 and all(torch.equal(a, b) for a, b in zip(student0, params(off.ema.module)))
 
 
+@pytest.mark.numerical
 def test_dkel_initialisation_survives_under_fixed_and_is_erased_under_meanteacher():
     tr = make_trainer("method=dkel")
     tr.before_training()
@@ -239,8 +272,8 @@ def test_dkel_initialisation_survives_under_fixed_and_is_erased_under_meanteache
         students.append(params(tr.cohort))
     a = 0.999
     for k, p in enumerate(tr.ema.module.parameters()):  # theta'_3 = a^3 theta'_0 + sum_t (1-a) a^(3-t) theta_t
-        expected = a ** 3 * t0[k] + sum((1 - a) * a ** (3 - t) * students[t - 1][k] for t in (1, 2, 3))
-        assert torch.allclose(p, expected, atol=1e-6)
+        parts = [a ** 3 * t0[k].double(), *((1 - a) * a ** (3 - t) * students[t - 1][k].double() for t in (1, 2, 3))]
+        assert close32(p, sum(parts), 3 * sum(q.abs() for q in parts))  # three float32 updates
     assert any(not torch.equal(p, s) for p, s in zip(tr.ema.module.parameters(), tr.cohort.parameters()))
     mt = make_trainer("method=dkel", "method.ema_schedule=meanteacher")
     mt.before_training()
@@ -251,6 +284,7 @@ def test_dkel_initialisation_survives_under_fixed_and_is_erased_under_meanteache
     assert any(not torch.allclose(x, y) for x, y in zip(ema_bn, student_bn))  # only the BN statistics keep a trace
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("schedule", ["fixed", "meanteacher"])
 def test_dkel_schedule_keeps_the_initial_offset_as_decay_to_the_t(schedule):
     """Two EMAs of one moving source whose starting points differ by delta: under ``fixed`` the gap is
@@ -269,8 +303,8 @@ def test_dkel_schedule_keeps_the_initial_offset_as_decay_to_the_t(schedule):
         plain.update(source)
         moved.update(source)
         factor = 0.999 ** t if schedule == "fixed" else 0.0
-        for p, q, d in zip(moved.parameters(), plain.parameters(), delta):
-            assert torch.allclose(p - q, factor * d, atol=1e-6)
+        for p, q, d in zip(moved.parameters(), plain.parameters(), delta):  # a difference of t updated copies
+            assert close32(p - q, factor * d.double(), t * (p.abs() + q.abs()).detach())
 
 
 # ------------------------------------------------------------------ exact resume

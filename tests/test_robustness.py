@@ -28,9 +28,10 @@ from peerdistill.errors import PeerdistillError
 from peerdistill.metrics import corruptions as CR
 from peerdistill.metrics import image_ops as ops
 from peerdistill.metrics import ood as OOD
-from peerdistill.metrics.robustness import fgsm, input_gradient, pgd
+from peerdistill.metrics.robustness import fgsm, fgsm_normalised, input_gradient, pgd
 
 from .conftest import tiny_cfg
+from .reference import close32
 
 HAVE_CV2 = importlib.util.find_spec("cv2") is not None
 HAVE_FROST = HAVE_CV2 and importlib.util.find_spec("imagecorruptions") is not None
@@ -41,6 +42,7 @@ def _linear(w: torch.Tensor, b: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------ attacks
+@pytest.mark.numerical
 def test_fgsm_on_a_linear_model_is_the_closed_form():
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
@@ -53,12 +55,33 @@ def test_fgsm_on_a_linear_model_is_the_closed_form():
     p /= p.sum(1, keepdims=True)
     grad = (p - np.eye(3)[y.numpy()]) @ wn
     want = np.clip(xn + 0.03 * np.sign(grad), 0, 1).reshape(5, 2, 2, 2)
-    got = fgsm(_linear(w.float(), b.float()), x.float(), y, 0.03)
-    assert np.allclose(got.numpy(), want, atol=1e-6)
+    got = fgsm(_linear(w, b), x, y, 0.03)  # float64: no gradient sign is a rounding accident
+    assert np.allclose(got.numpy(), want, rtol=0, atol=1e-12)
     assert np.allclose(input_gradient(_linear(w, b), x, y).numpy().reshape(5, 8), grad, atol=1e-9)
     # the clip: a pixel at 1 pushed up stays at 1
     edge = fgsm(lambda v: v.flatten(1)[:, :2] * torch.tensor([1.0, -1.0]), torch.ones(1, 2), torch.tensor([1]), 0.5)
     assert edge.max() <= 1.0 and edge.min() >= 0.0
+
+
+def test_authors_fgsm_runs_in_the_authors_normalisation():
+    """SD-Dropout's ART FGSM: eps = 0.2 in units of *their* normalised tensor, clip (0, 1) there. On CIFAR
+    (their std 0.2023, 0.1994, 0.2010) that is 0.2 x std in pixels per channel, ~10.3/255, not the 13.6/255
+    that the true CIFAR-100 statistics would give, and the clip box is [mean, mean + std]."""
+    true = torch.tensor([0.5071, 0.4865, 0.4409]).view(3, 1, 1), torch.tensor([0.2673, 0.2564, 0.2762]).view(3, 1, 1)
+    name, mean, std = R.authors_normalisation("cifar100", *true)
+    assert name == "cifar" and std.flatten().tolist() == pytest.approx([0.2023, 0.1994, 0.2010])
+    assert R.authors_normalisation("fashion-mnist", true[0][:1], true[1][:1])[0] == "run"  # grey: no counterpart
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3 * 2 * 2, generator=g, dtype=torch.float64)
+    x = torch.rand(6, 3, 2, 2, generator=g, dtype=torch.float64)
+    mean64, std64 = mean.double(), std.double()
+    adv = fgsm_normalised(_linear(w, torch.zeros(4, dtype=torch.float64)), x, 0.2, mean64, std64)
+    lo, hi = mean64.expand_as(x), (mean64 + std64).expand_as(x)
+    step = (adv - x).abs()
+    inside = (adv > lo + 1e-9) & (adv < hi - 1e-9)  # not clipped: moved by exactly eps * std of its channel
+    assert inside.any() and torch.allclose(step[inside], (0.2 * std64.expand_as(x))[inside], rtol=1e-12)
+    assert bool(((adv >= lo - 1e-12) & (adv <= hi + 1e-12)).all())  # the clip box in pixels
+    assert 0.2 * 0.2023 * 255 == pytest.approx(10.32, abs=0.01)
 
 
 def _toy_net() -> torch.nn.Module:
@@ -90,25 +113,28 @@ def test_pgd_stays_in_the_ball_and_the_box_and_is_at_least_as_strong_as_fgsm():
 
 
 # ---------------------------------------------------------------------------------------- OOD scores
+@pytest.mark.numerical
 def test_msp_energy_odin_on_hand_written_logits():
+    # The scores are float32: probabilities round within a few ulps of 1, a log-sum-exp within max|z| + 1.
     z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [5.0, -5.0, 1.0]])
-    rows = z.tolist()
+    rows, lse_mag = z.tolist(), z.abs().amax(1) + 1
     msp = [max(math.exp(v) for v in r) / sum(math.exp(v) for v in r) for r in rows]
-    assert torch.allclose(OOD.msp(z), torch.tensor(msp), atol=1e-6)
+    assert close32(OOD.msp(z), msp, 1.0)
     lse = [math.log(sum(math.exp(v) for v in r)) for r in rows]
-    assert torch.allclose(OOD.energy(z), torch.tensor(lse), atol=1e-5)
+    assert close32(OOD.energy(z), lse, lse_mag)
     lse2 = [2 * math.log(sum(math.exp(v / 2) for v in r)) for r in rows]
-    assert torch.allclose(OOD.energy(z, 2.0), torch.tensor(lse2), atol=1e-5)
+    assert close32(OOD.energy(z, 2.0), lse2, lse_mag)
     # ODIN without perturbation: the max of softmax(z / T)
     t = 1000.0
     odin = [max(math.exp(v / t) for v in r) / sum(math.exp(v / t) for v in r) for r in rows]
-    assert torch.allclose(OOD.odin(lambda x: x, z, t, 0.0), torch.tensor(odin), atol=1e-7)
+    assert close32(OOD.odin(lambda x: x, z, t, 0.0), odin, 1.0)
     assert not OOD.is_log_prob(z) and OOD.is_log_prob(F.log_softmax(z, 1))
     got = OOD.scores(lambda x: F.log_softmax(x, 1), z, ["msp", "energy", "odin"], t, 0.0)
     assert torch.isnan(got["energy"]).all()  # undefined for ensembles (log-probabilities)
-    assert torch.allclose(got["msp"], torch.tensor(msp), atol=1e-6) and list(got) == ["msp", "energy", "odin"]
+    assert close32(got["msp"], msp, 1.0) and list(got) == ["msp", "energy", "odin"]
 
 
+@pytest.mark.numerical
 def test_odin_perturbation_moves_against_the_gradient_of_the_predicted_class_loss():
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
@@ -130,6 +156,7 @@ def test_odin_perturbation_moves_against_the_gradient_of_the_predicted_class_los
     assert (OOD.odin(f, x, t, eps) >= OOD.odin(f, x, t, 0.0) - 1e-12).all()
 
 
+@pytest.mark.numerical
 def test_detection_metrics_known_cases():
     pytest.importorskip("sklearn")
     sep = OOD.detection_metrics(np.array([0.9, 0.8, 0.7]), np.array([0.1, 0.2]))
@@ -144,6 +171,26 @@ def test_detection_metrics_known_cases():
     hand = OOD.detection_metrics(np.array([0.9, 0.8, 0.4]), np.array([0.7, 0.3]))
     assert hand == pytest.approx({"auroc": 500 / 6, "aupr_in": 100 * 2.75 / 3, "aupr_out": 100 * (5 / 3) / 2,
                                   "fpr95": 50.0})
+
+
+@pytest.mark.numerical
+def test_fpr95_conventions_on_a_hand_case():
+    """``highest`` (default): OOD share at or above the highest threshold keeping 95 % of the in-distribution
+    scores; ``odin``: ODIN's calMetric.tpr95, the mean OOD share strictly above the thresholds whose TPR is
+    95 % +- 0.05 points, every threshold weighted alike (the limit of its grid)."""
+    pytest.importorskip("sklearn")
+    s_in = np.arange(1, 21) / 20  # 0.05 .. 1.00: TPR is exactly 95 % for thresholds in (0.05, 0.10]
+    s_out = np.array([0.06, 0.07, 0.08, 0.2, 0.01])
+    assert OOD.detection_metrics(s_in, s_out)["fpr95"] == pytest.approx(20.0)  # threshold 0.10: only 0.2
+    # (0.05, 0.06): 4 of 5 above; (0.06, 0.07): 3; (0.07, 0.08): 2; (0.08, 0.10): 1 -> widths .01 .01 .01 .02
+    odin = 100 * (0.8 * 0.01 + 0.6 * 0.01 + 0.4 * 0.01 + 0.2 * 0.02) / 0.05
+    assert OOD.detection_metrics(s_in, s_out, fpr_rule="odin")["fpr95"] == pytest.approx(odin)  # 44 points
+    assert math.isnan(OOD.fpr_odin(np.arange(7.0), s_out))  # no threshold gives a TPR of 95 % +- 0.05
+    assert OOD.detection_metrics(np.arange(7.0), s_out, fpr_rule="odin")["fpr95"] is None  # JSON null
+    opt = R.options_from_mapping({"ood": True, "fpr_rule": "odin"})
+    assert opt.fpr_rule == "odin" and R._settings(opt, "ood")["fpr_rule"] == "odin"
+    with pytest.raises(PeerdistillError, match="robustness option 'fpr_rule' must be one of highest, odin, got 'lowest'"):
+        R.options_from_mapping({"ood": True, "fpr_rule": "lowest"}).check()
 
 
 # ---------------------------------------------------------------------------------------- corruptions
@@ -305,6 +352,8 @@ def test_cli_eval_robustness_end_to_end(runs, capsys):
     store = json.loads((held / "eval.json").read_text())["checkpoints"]["last.pt"]
     adv = next(iter(store["adversarial"].values()))["results"]
     assert set(adv["clean"]) == {"peer0", "peer1", "ensemble"} and set(adv["pgd"]["ensemble"]) == {"2/255", "8/255"}
+    setting = adv["fgsm_authors_setting"]  # an RGB set other than CIFAR: the authors' ImageNet normalisation
+    assert setting["normalisation"] == "imagenet" and setting["pixel_eps_255"] == pytest.approx([11.679, 11.424, 11.475])
     assert all(adv["pgd"][h]["8/255"] <= adv["clean"][h] for h in adv["clean"])
     cor = next(iter(store["corruptions"].values()))["results"]
     assert set(cor["families"]) == {"contrast", "gaussian_noise"} and set(cor["mca"]) == set(adv["clean"])

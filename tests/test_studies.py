@@ -36,12 +36,14 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits(one_thread):
 def test_calibration_gap_has_the_sign_of_over_or_under_confidence(one_thread):
     labels = torch.tensor([0, 0, 1, 1])
     sharp = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [0.0, 9.0]])  # 75 % right, confidence ~1
-    flat = torch.tensor([[0.1, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.1]])  # 100 % right, confidence ~0.52
+    # 100 % right, confidence ~0.52; float64: checked against math.exp to float64 precision on any CPU
+    flat = torch.tensor([[0.1, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.1]], dtype=torch.float64)
     over, under = calibration.calibration(sharp, labels), calibration.calibration(flat, labels)
     assert over["top1"] == 75.0 and over["gap"] == pytest.approx(25.0, abs=0.1) and over["ece"] == pytest.approx(25.0, abs=0.1)
     p = math.exp(0.1) / (1 + math.exp(0.1))
-    assert under["gap"] == pytest.approx(100 * (p - 1)) and under["confidence"] == pytest.approx(100 * p)
-    assert under["logit_norm"] == pytest.approx(0.1 / math.sqrt(2))
+    assert under["gap"] == pytest.approx(100 * (p - 1), rel=1e-12)
+    assert under["confidence"] == pytest.approx(100 * p, rel=1e-12)
+    assert under["logit_norm"] == pytest.approx(0.1 / math.sqrt(2), rel=1e-12)
 
 
 def _fake_run(root: Path, name: str, eces: list[float]) -> Path:
@@ -114,3 +116,15 @@ def test_budget_section_tells_a_rising_test_loss_from_a_falling_one(tmp_path):
     assert "| budget, independent | 40 | 0.250 | 0.580 | 2.00 | 80.00 |" in text
     assert "_Study `budget` has not been run yet._" in text  # no study.md: the table waits for the sweep
     assert "- DML > independent peers (top-1): **not run yet** — 0 vs 0 finished runs." in text
+
+
+def test_tstddev_table_marks_a_cutout_row_measured_per_image(tmp_path):
+    """tstddev files from before cutout recorded its parameters cut one hole per image: the document says so."""
+    rows = [{"aug": "cutout", "t_stddev": 0.01, "entropy": 0.2, "groups": 3}, {"aug": "flip", "t_stddev": 0.02,
+                                                                              "entropy": 0.1, "groups": 3}]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"results": rows}))
+    new.write_text(json.dumps({"results": [{**rows[0], "params": {"length": 0, "same_on_batch": True}}, rows[1]]}))
+    marked = results._tstddev_table(old, {})
+    assert "| cutout (per image)¹ |" in marked and "`cutout:same_on_batch=false`" in marked
+    assert "¹" not in results._tstddev_table(new, {}) and "| cutout |" in results._tstddev_table(new, {})

@@ -27,7 +27,7 @@ def _opt(name: str, parse: Any = parse_value, note: str = "") -> Option:
 
 FIELDS = ("eps", "attacks", "pgd_steps", "pgd_step_size", "authors_eps", "families", "severities", "ood_data",
           "scores", "odin_temperature", "odin_eps", "energy_temperature", "heads", "batch_size", "seed",
-          "corruption_source", "corruptions_npy", "odin_space", "ood_root")  # option dest = field name
+          "corruption_source", "corruptions_npy", "odin_space", "ood_root", "fpr_rule")  # option dest = field name
 EPS_NOTE = " (a fraction of the [0, 1] pixel range: 8/255 is 8 of 255 levels)"
 
 
@@ -149,5 +149,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pixel (default): eps on [0, 1] images, as ODIN's code; normalised: on the normalised tensor")
     o.add_argument("--energy-temperature", type=_opt("energy_temperature", parse_fraction), metavar="T",
                    help="energy temperature (default 1)")
+    o.add_argument("--fpr-rule", choices=("highest", "odin"),
+                   help="FPR95's threshold: highest (default: the highest keeping 95%% of the in-distribution scores) "
+                        "or odin (ODIN's: the mean FPR over the thresholds whose TPR is 95%% +- 0.05 points)")
     shaping = [act for group in (g, a, c, o) for act in group._group_actions if act.dest not in PARTS]
     e.set_defaults(fn=run, robust_only={act.dest: act.default for act in shaping})  # alone, they would do nothing

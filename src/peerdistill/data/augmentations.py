@@ -154,20 +154,29 @@ class CropFlip(Augmentation):
 
 @AUGMENTATIONS.register("cutout")
 class Cutout(Augmentation):
-    """Cutout (DeVries & Taylor 2017): one ``length`` x ``length`` hole per image, zero in normalised
-    space, centred uniformly and clipped to the image, as the reference code (1 hole).
+    """Cutout (DeVries & Taylor 2017): one ``length`` x ``length`` hole, zero in normalised space, centred
+    uniformly and clipped to the image.
 
     Args:
         length: hole side; 0: ``H // 4``, which gives the reference code's 8 on CIFAR-100 (32 px),
             16 on Tiny-ImageNet (64 px), 56 on ImageNet (224 px) and 7 on Fashion-MNIST (28 px).
+        same_on_batch: one hole location for the whole batch, as the reference code's ``cutout``
+            (Good-DA ``helper/loops.py``: one (H, W) mask multiplies the batch); the default, so the
+            paper's list measures what its code did. ``false``: a location per image (DeVries & Taylor's
+            per-image transform, and this library's ``data.cutout``).
     """
 
-    def __init__(self, length: NonNegativeInt = 0) -> None:
+    def __init__(self, length: NonNegativeInt = 0, same_on_batch: bool = True) -> None:
         super().__init__()
-        self.length = length
+        self.length, self.same_on_batch = length, same_on_batch
 
     def apply(self, x: Tensor, ctx: ViewContext) -> Augmented:
-        return Augmented(cutout(x, self.length or self.size(x)[0] // 4, ctx.gen, ctx.shard))
+        size = self.length or self.size(x)[0] // 4
+        if not self.same_on_batch:
+            return Augmented(cutout(x, size, ctx.gen, ctx.shard))
+        # one draw, the same on every rank under torchrun: one location for the global batch
+        mask = cutout(torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device), size, ctx.gen)
+        return Augmented(x * mask)
 
 
 @AUGMENTATIONS.register("autoaugment")
@@ -345,6 +354,7 @@ def parse_aug_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), args
 
 
-#: The paper's list (spec §5.2), in its order; CutMixPick (S. ent.) needs a student.
+#: The paper's list (spec §5.2), in its order; CutMixPick (S. ent.) needs a student. Cutout's default is the
+#: code's (one hole location per batch); flip and crop+flip draw per image (their ``same_on_batch`` is the code's).
 PAPER_AUGS = ("identity", "flip", "crop+flip", "cutout", "autoaugment", "mixup", "cutmix",
               "cutmixpick:criterion=student_entropy", "cutmixpick:criterion=teacher_entropy")

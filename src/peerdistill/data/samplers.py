@@ -60,10 +60,16 @@ class MPerClassSampler(Sampler):
     every class in a batch has exactly m samples; with fewer classes (Fashion-MNIST) each class's count
     is a multiple of m. With balanced classes every sample appears exactly once per epoch, apart from
     those completing groups and the last incomplete batch, which is dropped as for random batches.
+
+    ``per_batch=True`` is the MCL code's sampler instead: every batch draws its classes afresh (a random
+    order of the classes, cycled when there are fewer classes than groups) and ``m`` images of each at
+    random (without replacement while the class has enough), for ``N // batch_size`` batches an epoch
+    (the code's ``length_before_new_iter`` is the dataset size). The batch make-up is the same; an epoch
+    then shows some images several times and others not at all.
     """
 
-    def __init__(self, m: int = 2) -> None:
-        self.m = m
+    def __init__(self, m: int = 2, per_batch: bool = False) -> None:
+        self.m, self.per_batch = m, per_batch
 
     def check(self, labels: np.ndarray, batch_size: int, world: int) -> None:
         super().check(labels, batch_size, world)
@@ -76,9 +82,11 @@ class MPerClassSampler(Sampler):
                                    f"one class has {small}")
 
     def describe(self) -> str:
-        return f"{self.m} per class"
+        return f"{self.m} per class" + (", drawn per batch" if self.per_batch else "")
 
     def epoch(self, labels: np.ndarray, batch_size: int, world: int, seed: int, epoch: int) -> Tensor:
+        if self.per_batch:
+            return self._drawn(labels, batch_size, world, _rng(seed, epoch))
         rng, m = _rng(seed, epoch), self.m
         groups: list[np.ndarray] = []  # per class: (n_c, m) shuffled groups
         for c in np.unique(labels):
@@ -105,6 +113,18 @@ class MPerClassSampler(Sampler):
             if len(take) < per_batch:
                 break
             rows.append(_interleave(np.stack(take)[rng.permutation(per_batch)], world))
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
+
+    def _drawn(self, labels: np.ndarray, batch_size: int, world: int, rng: np.random.Generator) -> Tensor:
+        """``N // batch_size`` batches, each of freshly drawn classes and images (the code's sampler)."""
+        classes, m, per_batch = np.unique(labels), self.m, batch_size // self.m
+        members = {c: np.flatnonzero(labels == c) for c in classes}
+        rows = []
+        for _ in range(len(labels) // batch_size):
+            picked, counts = np.unique(np.resize(rng.permutation(classes), per_batch), return_counts=True)
+            groups = [rng.choice(members[c], k * m, replace=len(members[c]) < k * m).reshape(k, m)
+                      for c, k in zip(picked, counts)]
+            rows.append(_interleave(np.concatenate(groups)[rng.permutation(per_batch)], world))
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
 
 

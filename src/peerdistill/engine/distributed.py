@@ -1,8 +1,20 @@
-"""Process-group set-up for ``torchrun``: DDP over the whole cohort + method, rank-0 side effects."""
+"""Process-group set-up for ``torchrun``: DDP over the whole cohort + method, rank-0 side effects.
+
+Teardown order matters for gloo. Its backend stops its worker threads and its TCP loop thread only when
+the last reference to it goes, and destroying the process group does not stop them while anything still
+holds one. Two things did: the DDP wrapper (until the trainer is collected, possibly only at interpreter
+exit), and ``torch.distributed.nn``, which DDP imports on first use and whose functions bind the default
+group as a default argument when imported after ``init_process_group``. The threads then ran into
+interpreter shutdown, and tearing them down there raced with the peer process closing its connections: an
+occasional ``terminate called without an active exception`` after the last epoch, more likely on a loaded
+machine. So :func:`setup` imports ``torch.distributed.nn`` before initialising, and :func:`teardown`
+releases every DDP wrapper and collects before destroying the group, while all processes are in step.
+"""
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,8 +86,11 @@ class DistInfo:
 
 
 def teardown() -> None:
-    """Destroy the process group, if this process started one."""
+    """Destroy the process group, if this process started one, after collecting what may still hold it (the
+    caller drops its DDP wrappers first, e.g. :meth:`~peerdistill.engine.trainer.Trainer.release`): the
+    gloo backend's threads are joined here, not at interpreter exit (see the module docstring)."""
     if tdist.is_available() and tdist.is_initialized():
+        gc.collect()  # the trainer sits in reference cycles: free its DDP wrapper now
         tdist.destroy_process_group()
 
 
@@ -109,6 +124,7 @@ def setup(device: str, timeout_s: float = 3600) -> DistInfo:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
+        import torch.distributed.nn  # noqa: F401  before init: its defaults must not hold the group
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, local, world, dev)

@@ -28,7 +28,7 @@ from ..fileio import find_dataset_dir
 from ..params import Interval, NonNegativeInt, Positive, PositiveInt, check_value
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
-from ..metrics.robustness import Attacked, fgsm, pgd
+from ..metrics.robustness import Attacked, fgsm, fgsm_normalised, pgd
 from ..report.logger import write_json
 from ..report.text import plural
 from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -37,6 +37,11 @@ from .ood_sets import ood_sets, subset
 from .trainer import Trainer
 
 ATTACKS = ("fgsm", "pgd")
+# The normalisation of the SD-Dropout authors' test loaders (yechanp/self_kd dataset.py), in which their ART
+# FGSM's eps = 0.2 is measured: CIFAR-10's statistics for both CIFAR sets, ImageNet's for their other
+# (RGB, 224 px) sets. A grey dataset has no counterpart and keeps the run's own normalisation.
+AUTHORS_NORMALISATION = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                         "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 SCORES = ("msp", "odin", "energy")
 CIFAR_C = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 
@@ -75,6 +80,7 @@ class RobustOptions:
     odin_eps: Annotated[float, Interval(ge=0, le=1)] = OOD.ODIN_EPS
     odin_space: Literal["pixel", "normalised"] = "pixel"  # pixel: eps in [0, 1] units, as ODIN's code
     energy_temperature: Positive = 1.0
+    fpr_rule: Literal["highest", "odin"] = "highest"  # FPR95's threshold rule: ours, or ODIN's calMetric
     heads: list[str] | None = None
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 250
@@ -154,17 +160,17 @@ class Evaluated:
     def normalise(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
-    def heads_of(self, x: Tensor, normalised: bool = False) -> dict[str, Tensor]:
-        """Every head's (B, K) output for (B, C, H, W) images in [0, 1] (or already normalised)."""
+    def heads_of(self, x: Tensor) -> dict[str, Tensor]:
+        """Every head's (B, K) output for (B, C, H, W) images in [0, 1]."""
         t = self.trainer
-        xn = x if normalised else self.normalise(x)
+        xn = self.normalise(x)
         n = len(t.cohort)
         outs = t.cohort([xn] * n, t.taps)
         ema = t.ema.module([xn] * n, t.taps) if t.ema is not None else None
         return t.method.eval_heads(outs, ema)
 
-    def head_fn(self, head: str, normalised: bool = False) -> Attacked:
-        return lambda x: self.heads_of(x, normalised)[head].float()
+    def head_fn(self, head: str) -> Attacked:
+        return lambda x: self.heads_of(x)[head].float()
 
     def head_names(self, wanted: list[str] | None) -> list[str]:
         x = torch.zeros((1, *self.tensor(self.test.images[:1]).shape[1:]), device=self.trainer.device)
@@ -208,6 +214,7 @@ def adversarial(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> dict[str
                            for k, e in enumerate(opt.eps)} for h in heads}
     if opt.fgsm_authors:
         res["fgsm_authors"] = {h: _authors_fgsm(ev, h, x_all, y_all, opt) for h in heads}
+        res["fgsm_authors_setting"] = authors_setting(ev, opt)
     return res
 
 
@@ -230,17 +237,36 @@ def _attacked_acc(ev: Evaluated, head: str, attack: str, eps: float, x: Tensor, 
     return 100.0 * hits / len(y)
 
 
+def authors_normalisation(data: str, mean: Tensor, std: Tensor) -> tuple[str, Tensor, Tensor]:
+    """(name, mean, std) the SD-Dropout authors' FGSM runs in for dataset ``data``, whose own (C, 1, 1)
+    normalisation is ``mean`` / ``std`` (kept for a grey dataset)."""
+    key = "cifar" if data.startswith("cifar") else "imagenet" if mean.numel() == 3 else None
+    if key is None:
+        return "run", mean, std
+    m, s = (torch.tensor(v, device=mean.device).view(-1, 1, 1) for v in AUTHORS_NORMALISATION[key])
+    return key, m, s
+
+
+def authors_setting(ev: Evaluated, opt: RobustOptions) -> dict[str, Any]:
+    """What ``--fgsm-authors`` does in pixels: its normalisation, per-channel eps and clip box (in 1/255)."""
+    key, mean, std = authors_normalisation(ev.cfg.data.name, ev.mean, ev.std)
+    m, s = mean.flatten().tolist(), std.flatten().tolist()
+    return {"normalisation": key, "eps": opt.authors_eps,
+            "pixel_eps_255": [round(opt.authors_eps * v * 255, 3) for v in s],
+            "clip_255": [[round(a * 255, 2), round((a + b) * 255, 2)] for a, b in zip(m, s)]}
+
+
 def _authors_fgsm(ev: Evaluated, head: str, x: Tensor, y: Tensor, opt: RobustOptions) -> float:
-    """IBM ART ``FastGradientMethod(eps)`` as ``_3_adv_robust.py`` calls it: on the *normalised* tensor,
-    against the model's own predictions (ART's default without labels), clipped to (0, 1)."""
-    f = ev.head_fn(head, normalised=True)
+    """IBM ART ``FastGradientMethod(eps)`` as ``_3_adv_robust.py`` calls it: on tensors normalised as the
+    authors' loaders do, against the model's own predictions, clipped to (0, 1) there
+    (:func:`~peerdistill.metrics.robustness.fgsm_normalised`)."""
+    f = ev.head_fn(head)
+    _, mean, std = authors_normalisation(ev.cfg.data.name, ev.mean, ev.std)
     hits = 0
     for s in _batches(len(y), opt.batch_size):
-        xn = ev.normalise(x[s])
+        adv = fgsm_normalised(f, x[s], opt.authors_eps, mean, std)
         with torch.no_grad():
-            pred = f(xn).argmax(1)
-        with torch.no_grad():
-            hits += int((f(fgsm(f, xn, pred, opt.authors_eps, clip=(0.0, 1.0))).argmax(1) == y[s]).sum())
+            hits += int((f(adv).argmax(1) == y[s]).sum())
     return 100.0 * hits / len(y)
 
 
@@ -317,7 +343,8 @@ def ood(ev: Evaluated, opt: RobustOptions, heads: list[str],
     raw: dict[str, Any] = {"in": in_scores, "out": {}}
     for name, images in sets.items():
         raw["out"][name] = {h: _scores(ev, images, h, opt) for h in heads}
-        res[name] = {"images": len(images), **{h: {s: _metrics(in_scores[h][s], raw["out"][name][h][s])
+        out = raw["out"][name]
+        res[name] = {"images": len(images), **{h: {s: _metrics(in_scores[h][s], out[h][s], opt.fpr_rule)
                                                     for s in opt.scores} for h in heads}}
     return res, raw
 
@@ -340,10 +367,10 @@ def _scores(ev: Evaluated, images: np.ndarray, head: str, opt: RobustOptions) ->
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float] | None:
+def _metrics(s_in: np.ndarray, s_out: np.ndarray, rule: str) -> dict[str, float | None] | None:
     if np.isnan(s_in).any() or np.isnan(s_out).any():
         return None  # energy of a head that outputs log-probabilities (an ensemble): not defined
-    return OOD.detection_metrics(s_in, s_out)
+    return OOD.detection_metrics(s_in, s_out, fpr_rule=rule)
 
 
 # ------------------------------------------------------------------------------------- the driver
@@ -367,7 +394,7 @@ def _settings(opt: RobustOptions, part: str) -> dict[str, Any]:
         keep, extra = ["families", "severities", "corruption_limit", "corruption_source", "corruptions_npy"], {}
     else:
         keep = ["ood_data", "ood_root", "ood_limit", "scores", "odin_temperature", "odin_eps", "odin_space",
-                "energy_temperature"]
+                "energy_temperature", "fpr_rule"]
         extra = {}
     return {**{k: d[k] for k in keep}, **extra, **common}
 

@@ -136,6 +136,7 @@ def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path |
     finally:
         if logger is not None:
             logger.close()
+        trainer.release()
         teardown()
     return summary
 

@@ -181,6 +181,11 @@ class Trainer:
         self.step += 1
         return {k: v.detach() for k, v in terms.items()}
 
+    def release(self) -> None:
+        """Drop the DDP wrapper (training is over): it holds the process group, which
+        :func:`~peerdistill.engine.distributed.teardown` can then destroy with its threads."""
+        self.step_fn = self.module
+
     def _forward(self, batch: Batch, step_fn: Callable[..., Any]) -> tuple[dict[str, Tensor], StepRecord]:
         """Views, frozen copies' outputs, the cohort's outputs and the loss terms of one batch."""
         cfg, timer = self.cfg, self.timer

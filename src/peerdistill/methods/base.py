@@ -30,7 +30,7 @@ from ..data.samplers import Sampler
 from ..data.views import Extra, View, ViewContext, Views
 from ..models.base import PeerOutput
 from ..registry import Registry
-from .functional import cross_entropy, ensemble_log_probs, soft_ce
+from .functional import cross_entropy, ensemble_log_probs, f32, soft_ce
 
 RERUN = "on{}"  # extra input: every other peer re-run without gradient on peer i's view
 UNMIXED = "unmixed"  # extra input: every peer on the unmixed batch, without gradient
@@ -165,12 +165,12 @@ class StepRecord:
         if RERUN.format(i) in self.extra and j != i:
             logits = self.extra[RERUN.format(i)][j].logits
         elif UNMIXED in self.extra:
-            p = F.softmax(self.extra[UNMIXED][j].logits.detach().float() / temperature, dim=1)
+            p = F.softmax(f32(self.extra[UNMIXED][j].logits.detach()) / temperature, dim=1)
             mix = self.views[i].mix
             return p if mix is None else mix.mix(p)
         else:
             logits = self.outputs[j].logits
-        return F.softmax(logits.detach().float() / temperature, dim=1)
+        return F.softmax(f32(logits.detach()) / temperature, dim=1)
 
 
 @dataclass

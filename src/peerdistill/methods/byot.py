@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..models.base import init_weights
 from ..params import Literal, NonNegative, Positive, Probability
 from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
-from .functional import ensemble_log_probs, kd_kl
+from .functional import ensemble_log_probs, f32, kd_kl
 
 
 class AuxHead(nn.Module):
@@ -98,9 +98,9 @@ class BYOT(Method):
         o, t, lam = rec.outputs[0], self.temperature, self.lam
         final_w = 1.0 - self.alpha if self.variant == "byotl" else 1.0
         terms: dict[str, Tensor] = {"ce0": final_w * rec.ce(o.logits)}
-        f = o.embedding.detach().float()  # (B, D) sg f: the hint target
+        f = f32(o.embedding.detach())  # (B, D) sg f: the hint target
         for i, (z_i, f_i) in enumerate(self.heads_out(o), start=1):
-            sq = (f_i.float() - f).pow(2)
+            sq = (f32(f_i) - f).pow(2)
             terms[f"ce_aux{i}"] = lam * (1.0 - self.alpha) * rec.ce(z_i)
             terms[f"kl_aux{i}"] = lam * self.alpha * kd_kl(z_i, o.logits, t)  # target detached
             terms[f"hint_aux{i}"] = lam * self.hint * (sq.sum() if self.variant == "byotl" else sq.mean())

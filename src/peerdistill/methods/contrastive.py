@@ -14,14 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import kd_kl
+from .functional import f32, kd_kl
 
 TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
-
-
-def f32(x: Tensor) -> Tensor:
-    """float32 for half / bfloat16 / float32 inputs; float64 stays float64 (exact gradient checks)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def einsum32(equation: str, *operands: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from ..data.mix import MixRecord
 from ..data.views import View, ViewContext, Views
 from ..params import Literal, NonNegative, Positive
 from .base import METHODS, FeatureHead, Method, Needs, StepRecord
-from .functional import kd_kl
+from .functional import f32, kd_kl
 
 
 def stacked(mix: MixRecord, b: int) -> MixRecord:
@@ -68,7 +68,7 @@ class DDGSD(Method):
 
     def feature_gap(self, f: Tensor) -> Tensor:
         """The MMD term of the (2B, D) pooled features of both halves."""
-        f1, f2 = f.float().chunk(2)
+        f1, f2 = f32(f).chunk(2)
         if self.mmd == "scalar":
             return (f1.mean() - f2.mean()).pow(2)
         return (f1.mean(0) - f2.mean(0)).pow(2).sum()

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..params import Decay, NonNegative, NonNegativeInt, Positive
 from .base import METHODS, PreTrainContext
 from .functional import kd_kl, mean_logits
-from .pcl import PCL, Mix, Rampup, Schedule, view_ce
+from .pcl import PCL, ClassifierInit, Mix, Rampup, Schedule, view_ce
 
 # The released code (src/losses/loss_wrapper.py) drops the ensemble term once exp(-k e) <= 0.01.
 ENSEMBLE_CUTOFF = 0.01
@@ -49,6 +49,7 @@ class DKEL(PCL):
         ema_decay: the teacher's decay.
         ema_schedule: ``fixed`` (the initialisation persists) or ``meanteacher`` (the released code).
         mix: with a mixer, ``shared``; ``per_view`` is refused.
+        classifier_init: ``independent`` or ``copy`` (the code's deep-copied branches), as PCL.
     """
 
     key = "dkel"
@@ -56,8 +57,9 @@ class DKEL(PCL):
     def __init__(self, temperature: Positive = 3.0,
                  weight: NonNegative = 0.1, rampup_epochs: NonNegative = 80.0, rampup: Rampup = "correct",
                  ensemble_decay: NonNegative = 0.5, init: NonNegativeInt = 1, teacher_init: bool = True,
-                 ema_decay: Decay = 0.999, ema_schedule: Schedule = "fixed", mix: Mix = "shared") -> None:
-        super().__init__(temperature, weight, rampup_epochs, rampup, ema_decay, ema_schedule, mix)
+                 ema_decay: Decay = 0.999, ema_schedule: Schedule = "fixed", mix: Mix = "shared",
+                 classifier_init: ClassifierInit = "independent") -> None:
+        super().__init__(temperature, weight, rampup_epochs, rampup, ema_decay, ema_schedule, mix, classifier_init)
         self.ensemble_decay, self.init, self.teacher_init = ensemble_decay, init, teacher_init
         # SGD steps the teacher initialisation took (0: not run); checkpointed with the method.
         self.register_buffer("init_steps", torch.zeros((), dtype=torch.long))

@@ -2,7 +2,8 @@
 
 Convention (all reference codes, spec §0): a KD term is
 ``T^2 * KL(softmax(t / T) || softmax(s / T))`` summed over classes and averaged over the batch.
-Losses are computed in float32 even under autocast.
+Losses are computed in float32 even under autocast (float64 inputs stay float64, so the formulas can be
+checked against a float64 reference to its precision).
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def f32(x: Tensor) -> Tensor:
+    """float32 for half / bfloat16 / float32 inputs; float64 stays float64 (exact checks of the formulas)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def kd_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0, detach_target: bool = True,
@@ -26,8 +32,8 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0, detach_tar
         weights: optional (B,) per-sample weights; the sum is still divided by B (L-MCL convention).
     """
     t = teacher.detach() if detach_target else teacher
-    log_ps = F.log_softmax(student.float() / temperature, dim=1)
-    log_pt = F.log_softmax(t.float() / temperature, dim=1)
+    log_ps = F.log_softmax(f32(student) / temperature, dim=1)
+    log_pt = F.log_softmax(f32(t) / temperature, dim=1)
     per_sample = (log_pt.exp() * (log_pt - log_ps)).sum(1)  # (B,)
     if weights is not None:
         per_sample = per_sample * weights
@@ -36,12 +42,12 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0, detach_tar
 
 def soft_ce(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Cross-entropy with a probability target: ``-sum_k q_k log softmax(z)_k``, batch mean."""
-    return -(target_probs.float() * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+    return -(f32(target_probs) * F.log_softmax(f32(logits), dim=1)).sum(1).mean()
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Hard-label cross-entropy in float32."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return F.cross_entropy(f32(logits), labels, label_smoothing=label_smoothing)
 
 
 def sigmoid_rampup(epoch: float, length: float, scale: float = 1.0) -> float:
@@ -54,18 +60,18 @@ def sigmoid_rampup(epoch: float, length: float, scale: float = 1.0) -> float:
 
 def mean_logits(logits: Sequence[Tensor]) -> Tensor:
     """Arithmetic mean of logits (the ensemble teacher of CL-ILR, DKEL, MCL)."""
-    return torch.stack([z.float() for z in logits]).mean(0)
+    return torch.stack([f32(z) for z in logits]).mean(0)
 
 
 def ensemble_log_probs(logits: Sequence[Tensor]) -> Tensor:
     """log of the mean of the members' softmax probabilities (the evaluated "ensemble" head)."""
-    probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(0)
+    probs = torch.stack([F.softmax(f32(z), dim=1) for z in logits]).mean(0)
     return probs.clamp_min(1e-12).log()
 
 
 def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """(B,) entropy of softmax(logits / T) in nats."""
-    logp = F.log_softmax(logits.float() / temperature, dim=1)
+    logp = F.log_softmax(f32(logits) / temperature, dim=1)
     return -(logp.exp() * logp).sum(1)
 
 
@@ -118,8 +124,8 @@ def kd_soft(student: Tensor, target_probs: Tensor, temperature: float = 1.0, wei
         temperature: softening temperature T of the student (the target is already softened).
         weights: optional (B,) per-sample weights; the sum is still divided by B (as :func:`kd_kl`).
     """
-    q = target_probs.detach().float()
-    log_ps = F.log_softmax(student.float() / temperature, dim=1)
+    q = f32(target_probs.detach())
+    log_ps = F.log_softmax(f32(student) / temperature, dim=1)
     per_sample = (torch.xlogy(q, q) - q * log_ps).sum(1)  # (B,); xlogy: 0 log 0 = 0
     if weights is not None:
         per_sample = per_sample * weights
@@ -129,8 +135,8 @@ def kd_soft(student: Tensor, target_probs: Tensor, temperature: float = 1.0, wei
 def normalized_mse(student: Tensor, target: Tensor) -> Tensor:
     """Squared L2 distance between per-sample L2-normalised feature maps (B, ...), in [0, 4]; batch mean.
     The target is detached."""
-    s = F.normalize(student.float().flatten(1), dim=1)
-    t = F.normalize(target.detach().float().flatten(1), dim=1)
+    s = F.normalize(f32(student).flatten(1), dim=1)
+    t = F.normalize(f32(target.detach()).flatten(1), dim=1)
     return (s - t).pow(2).sum(1).mean()
 
 
@@ -143,7 +149,7 @@ def attention_transfer(student: Tensor, target: Tensor, p: float = 2.0, beta: fl
     widths (same H, W) compare.
     """
     def att(f: Tensor) -> Tensor:
-        return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)  # (B, H*W)
+        return F.normalize(f32(f).abs().pow(p).mean(1).flatten(1), dim=1)  # (B, H*W)
 
     return beta / 2 * (att(student) - att(target.detach())).pow(2).mean()
 
@@ -151,6 +157,6 @@ def attention_transfer(student: Tensor, target: Tensor, p: float = 2.0, beta: fl
 def channel_kl(student: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
     """``T^2 * KL`` between the channel softmaxes of two (B, C, H, W) maps at every position, summed over
     channels, averaged over positions and batch; target detached."""
-    log_ps = F.log_softmax(student.float() / temperature, dim=1)
-    log_pt = F.log_softmax(target.detach().float() / temperature, dim=1)
+    log_ps = F.log_softmax(f32(student) / temperature, dim=1)
+    log_pt = F.log_softmax(f32(target.detach()) / temperature, dim=1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean() * temperature ** 2

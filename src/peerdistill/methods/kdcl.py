@@ -5,7 +5,7 @@ from torch import Tensor
 
 from ..params import Literal, NonNegative, Positive, PositiveInt
 from .base import METHODS, Method, Needs, StepRecord
-from .functional import kd_kl, linear_ensemble_weights, mean_logits, min_logit_ensemble
+from .functional import f32, kd_kl, linear_ensemble_weights, mean_logits, min_logit_ensemble
 
 
 @METHODS.register("kdcl")
@@ -48,7 +48,7 @@ class KDCL(Method):
         q = rec.views[0].soft_targets(rec.num_classes)  # every view holds the same (identically mixed) images
         if self.ensemble == "linear":
             w = linear_ensemble_weights(z, q, self.linear_steps)  # (m,)
-            return sum(w_i * z_i.float() for w_i, z_i in zip(w, z))
+            return sum(w_i * f32(z_i) for w_i, z_i in zip(w, z))
         if self.ensemble == "minlogit":
             return min_logit_ensemble(z, q)
         return mean_logits(z)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.samplers import MPerClassSampler
-from ..params import Decay, NonNegative, Positive, PositiveInt
+from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
 from .base import METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord
 from .contrastive import TERMS, ProjectionHead, mutual_contrast
 from .functional import kd_kl
@@ -61,19 +61,21 @@ class LMCL(Method):
         meta_momentum: momentum of the virtual SGD and of the weight network's optimizer.
         instance_positive: ICL counts the same image in the other network as a positive.
         eval_branches: also evaluate the auxiliary branches and the aggregators.
+        sampling: ``epoch`` (every image once per epoch) or ``per_batch`` (classes and images drawn afresh
+            for every batch, the code's ``MPerClassSampler``); the same 2-per-class batches either way.
     """
 
     def __init__(self, alpha: NonNegative = 0.1, beta: NonNegative = 0.1, gamma: NonNegative = 1.0,
                  lam: NonNegative = 1.0, tau: Positive = 0.1, temperature: Positive = 3.0,
                  feat_dim: PositiveInt = 128, meta: bool = True, meta_freq: PositiveInt = 50,
                  times: PositiveInt = 2, meta_momentum: Decay = 0.9, instance_positive: bool = False,
-                 eval_branches: bool = True) -> None:
+                 eval_branches: bool = True, sampling: Literal["epoch", "per_batch"] = "epoch") -> None:
         super().__init__()
         self.weights = dict(zip(TERMS, (alpha, beta, gamma, lam)))
         self.tau, self.temperature, self.feat_dim, self.meta = tau, temperature, feat_dim, meta
         self.meta_freq, self.times, self.meta_momentum = meta_freq, times, meta_momentum
         self.instance_positive, self.eval_branches = instance_positive, eval_branches
-        self.needs = Needs(min_peers=2, taps=("*",), sampler=MPerClassSampler(2))
+        self.needs = Needs(min_peers=2, taps=("*",), sampler=MPerClassSampler(2, sampling == "per_batch"))
         self.weight_net: PairWeights | None = None
 
     @property

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.base import init_weights
-from .contrastive import f32
+from .functional import f32
 
 WEIGHT_DIM = 128  # width of the weight network's per-(network, stage) projections (code ``LossWeightNetwork``)
 

@@ -31,8 +31,11 @@ class MCL(Method):
     Sums run over networks / pairs and are not averaged (code). Terms named ``ce{i}``, ``vcl``, ``icl``,
     ``soft_vcl``, ``soft_icl`` (+ ``kd{i}``); a zero weight skips its term.
 
-    ``logit_distill=true`` adds ``KD_T(z_m <- sg(mean_j z_j))`` for both nets of a pair, or only for the
-    last net of a larger cohort (code ``--logit-distill``). ``share=stage1`` shares the stem and stage 1
+    ``logit_distill=true`` adds the code's ``--logit-distill`` KD from the mean of the logits, by
+    ``logit_rule``: ``cifar`` (``main_cifar.py``) ``KD_T(z_m <- sg(mean_j z_j))`` for both nets of a pair,
+    or only for the last net of a larger cohort; ``imagenet`` (``main_imagenet.py``) only the last net, from
+    the mean *not* detached (so the KD also trains the other nets); ``auto``: the rule of the code of the
+    contrast form (``batch``: CIFAR, ``bank``: ImageNet). ``share=stage1`` shares the stem and stage 1
     across the peers (the code's MCL(x4) networks); the default is independent networks (MCL(x2)).
     Under a mixer the CE is mixed and the contrastive positives use each row's own (unmixed) label; the
     bank form refuses mixers (its rows are per-image embeddings).
@@ -46,7 +49,10 @@ class MCL(Method):
         feat_dim: projection width.
         contrast: ``batch`` (SupCon in the batch) or ``bank`` (memory bank).
         instance_positive: ICL counts the other network's view of the same image as a positive.
-        logit_distill: add the code's logit distillation from the detached mean-logit ensemble.
+        logit_distill: add the code's logit distillation from the mean-logit ensemble.
+        logit_rule: ``cifar``, ``imagenet`` or ``auto`` (the code of the contrast form), see above.
+        sampling: in-batch form: ``epoch`` (every image once per epoch) or ``per_batch`` (classes and
+            images drawn afresh for every batch, the code's ``MPerClassSampler``).
         share: last stage shared by the peers (e.g. ``stage1``); empty = independent networks.
         neg_k: bank negatives per sample (code 8192; the README reports 4096 works as well).
         bank_momentum: bank update ``M[i] <- normalise(m M[i] + (1 - m) v_i)``.
@@ -55,19 +61,24 @@ class MCL(Method):
     def __init__(self, alpha: NonNegative = 0.1, beta: NonNegative = 0.1, gamma: NonNegative = 1.0,
                  lam: NonNegative = 1.0, tau: Positive | None = None, temperature: Positive = 3.0,
                  feat_dim: PositiveInt = 128, contrast: Literal["batch", "bank"] = "batch",
-                 instance_positive: bool = False, logit_distill: bool = False, share: str = "",
-                 neg_k: PositiveInt = 8192, bank_momentum: Decay = 0.5) -> None:
+                 instance_positive: bool = False, logit_distill: bool = False,
+                 logit_rule: Literal["auto", "cifar", "imagenet"] = "auto", share: str = "",
+                 neg_k: PositiveInt = 8192, bank_momentum: Decay = 0.5,
+                 sampling: Literal["epoch", "per_batch"] = "epoch") -> None:
         super().__init__()
         if contrast == "bank" and instance_positive:
             raise PeerdistillError("method.instance_positive applies to contrast=batch; the bank's ICL "
                                    "already counts the own index as a positive")
+        if contrast == "bank" and sampling != "epoch":
+            raise PeerdistillError("method.sampling applies to contrast=batch; the bank form draws random batches")
         self.weights = dict(zip(TERMS, (alpha, beta, gamma, lam)))
         self.tau = tau if tau is not None else (0.1 if contrast == "batch" else 0.07)  # code defaults
         self.temperature, self.feat_dim, self.contrast = temperature, feat_dim, contrast
         self.instance_positive, self.logit_distill = instance_positive, logit_distill
+        self.logit_rule = logit_rule if logit_rule != "auto" else ("cifar" if contrast == "batch" else "imagenet")
         self.neg_k, self.bank_momentum = neg_k, bank_momentum
         # In-batch SupCon needs same-class partners in every batch: the code's MPerClassSampler(m=2).
-        sampler = MPerClassSampler(2) if contrast == "batch" else Sampler()
+        sampler = MPerClassSampler(2, sampling == "per_batch") if contrast == "batch" else Sampler()
         # The bank keeps one embedding per training image: a mixed image's embedding is not that image's.
         self.needs = Needs(min_peers=2, topology="branched" if share else "independent",
                            split_after=share or None, sampler=sampler, mixing=contrast == "batch")
@@ -118,9 +129,7 @@ class MCL(Method):
         out, n = rec.outputs, len(rec.outputs)
         terms: dict[str, Tensor] = {f"ce{i}": rec.ce(o.logits, i) for i, o in enumerate(out)}
         if self.logit_distill:
-            z_bar = mean_logits([o.logits for o in out]).detach()
-            for i in (range(n) if n == 2 else [n - 1]):  # code: both of a pair, else only the last net
-                terms[f"kd{i}"] = kd_kl(out[i].logits, z_bar, self.temperature)
+            terms.update(self.logit_kd([o.logits for o in out]))
         if not self.active:
             return terms
         v = torch.stack([head(o.embedding) for head, o in zip(self.proj, out)])  # (n, B, f)
@@ -134,6 +143,14 @@ class MCL(Method):
                                   instance_positive=self.instance_positive)
         terms.update({k: self.weights[k] * raw[k] for k in self.active})
         return terms
+
+    def logit_kd(self, logits: list[Tensor]) -> dict[str, Tensor]:
+        """The code's logit distillation from the mean of the logits, by ``logit_rule``."""
+        n, z_bar, t = len(logits), mean_logits(logits), self.temperature
+        if self.logit_rule == "imagenet":  # main_imagenet.py: the last net only, the mean not detached
+            return {f"kd{n - 1}": kd_kl(logits[-1], z_bar, t, detach_target=False)}
+        # main_cifar.py: the mean detached; both nets of a pair, else only the last net
+        return {f"kd{i}": kd_kl(logits[i], z_bar, t) for i in (range(n) if n == 2 else [n - 1])}
 
     @torch.no_grad()
     def update(self, rec: StepRecord) -> None:

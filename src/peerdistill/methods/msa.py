@@ -20,7 +20,8 @@ from ..data.views import Extra, View, ViewContext, Views
 from ..errors import PeerdistillError
 from ..params import Decay, NonNegative, Positive
 from .base import METHODS, RERUN, UNMIXED, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks
-from .functional import attention_transfer, channel_kl, ensemble_log_probs, kd_soft, normalized_mse, sigmoid_rampup
+from .functional import (attention_transfer, channel_kl, ensemble_log_probs, f32, kd_soft, normalized_mse,
+                         sigmoid_rampup)
 
 CLEAN = "msa_clean"  # extra input: every peer, without gradient, on the unmixed view (temporal ensemble)
 
@@ -146,7 +147,7 @@ class MSA(Method):
         t = self.se_temperature
         if not self.temporal:  # the EMA peers that saw peer i's image: all of them unless mixed per view
             same = [k for k, v in enumerate(rec.views) if v is rec.views[i]]
-            return torch.stack([F.softmax(rec.ema[k].logits.float() / t, 1) for k in same]).mean(0), None
+            return torch.stack([F.softmax(f32(rec.ema[k].logits) / t, 1) for k in same]).mean(0), None
         seen = self.seen[rec.index]  # (B,)
         q = self.bank[rec.index] / (1.0 - torch.pow(self.momentum, seen)).clamp_min(1e-12)[:, None]
         mix = rec.views[i].mix
@@ -162,7 +163,7 @@ class MSA(Method):
         logits = [clean_logits(rec, k) for k in range(len(rec.outputs))]
         if any(z is None for z in logits):  # a mixed batch without an unmixed pass (temporal_from=batches)
             return
-        p = torch.stack([F.softmax(z.float() / self.se_temperature, 1) for z in logits]).mean(0)  # (B, K)
+        p = torch.stack([F.softmax(f32(z) / self.se_temperature, 1) for z in logits]).mean(0)  # (B, K)
         index, p = all_ranks(rec.index, p)
         self.bank[index] = self.momentum * self.bank[index] + (1.0 - self.momentum) * p
         self.seen[index] += 1

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..errors import PeerdistillError
 from ..params import NonNegative, Positive, PositiveInt
 from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
-from .functional import ensemble_log_probs, kd_kl, mean_logits, sigmoid_rampup
+from .functional import ensemble_log_probs, f32, kd_kl, mean_logits, sigmoid_rampup
 
 
 @METHODS.register("okddip")
@@ -30,7 +30,8 @@ class OKDDip(Method):
 
     The official default is 4 networks (3 peers + the leader): set ``peers=4`` (the presets do); at
     least 3 are needed. Evaluated heads: ``peer0..peer{m-2}`` (the auxiliary peers), ``ensemble`` (their
-    probability ensemble, leader excluded, as the official code logs it) and ``leader`` (deployed).
+    probability ensemble, leader excluded, the engine's convention), ``logit_ensemble`` (the mean of their
+    logits: the ensemble the official ``train_GL.py`` logs) and ``leader`` (deployed).
 
     Args:
         temperature: T of both KD levels.
@@ -63,12 +64,12 @@ class OKDDip(Method):
     def attention(self, peers: list[PeerOutput]) -> Tensor:
         """(B, m-1, m-1) weights ``a_ij = softmax_j(q_i . k_j)`` over the auxiliary peers."""
         h = torch.stack([o.embedding for o in peers], dim=1)  # (B, m-1, d)
-        q, k = self.query(h).float(), self.key(h).float()  # (B, m-1, d')
+        q, k = f32(self.query(h)), f32(self.key(h))  # (B, m-1, d')
         return torch.softmax(q @ k.transpose(1, 2), dim=2)
 
     def peer_targets(self, peers: list[PeerOutput]) -> Tensor:
         """(B, m-1, K) ``x_i = sum_j a_ij z_j``."""
-        z = torch.stack([o.logits.float() for o in peers], dim=1)  # (B, m-1, K)
+        z = torch.stack([f32(o.logits) for o in peers], dim=1)  # (B, m-1, K)
         return self.attention(peers) @ z
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
@@ -88,6 +89,7 @@ class OKDDip(Method):
         *peers, leader = outputs
         heads = {f"peer{i}": o.logits for i, o in enumerate(peers)}
         heads["ensemble"] = ensemble_log_probs([o.logits for o in peers])
+        heads["logit_ensemble"] = mean_logits([o.logits for o in peers])  # the official code's ensemble
         heads["leader"] = leader.logits
         heads.update({f"ema{i}": o.logits for i, o in enumerate(ema or [])})
         return heads

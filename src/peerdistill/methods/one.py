@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..errors import PeerdistillError
 from ..params import NonNegative, Positive
 from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
-from .functional import kd_kl, sigmoid_rampup
+from .functional import f32, kd_kl, sigmoid_rampup
 
 
 def _trunk_channels(net: nn.Module, shared: int) -> int:
@@ -76,12 +76,12 @@ class ONE(Method):
         """(B, m) branch weights from the shared trunk feature (identical in every branch's maps)."""
         fmap = outputs[0].maps[self.tap]  # (B, C, H, W)
         gap = torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)  # (B, C)
-        return F.softmax(F.relu(self.gate_bn(self.gate_fc(gap))).float(), dim=1)
+        return F.softmax(f32(F.relu(self.gate_bn(self.gate_fc(gap)))), dim=1)
 
     def gated(self, outputs: list[PeerOutput]) -> Tensor:
         """Teacher logits ``z_e = sum_i g_i z_i`` (B, K), in float32."""
         g = self.gate(outputs)  # (B, m)
-        z = torch.stack([o.logits.float() for o in outputs], dim=1)  # (B, m, K)
+        z = torch.stack([f32(o.logits) for o in outputs], dim=1)  # (B, m, K)
         return (g.unsqueeze(2) * z).sum(1)
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ from .functional import cross_entropy, kd_kl, sigmoid_rampup, soft_ce
 Rampup = Literal["correct", "code"]
 Schedule = Literal["fixed", "meanteacher"]
 Mix = Literal["shared", "per_view"]
+ClassifierInit = Literal["independent", "copy"]
 
 
 def code_rampup(epoch: int, length: float, scale: float) -> float:
@@ -65,19 +66,23 @@ class PCL(Method):
         ema_schedule: ``meanteacher`` (the code) or ``fixed`` (decay from step 0; the EMA then starts
             from the student's initial weights, a copy made at build time).
         mix: with a mixer, ``shared`` (one draw mixes every branch's view alike); ``per_view`` is refused.
+        classifier_init: ``independent`` (each branch's classifier initialised on its own, as every
+            branched cohort here) or ``copy`` (all start as branch 0's: the re-implementation deep-copies
+            branch 1 and re-initialises only the convolutions).
     """
 
     key = "pcl"
 
     def __init__(self, temperature: Positive = 3.0,
                  weight: NonNegative = 1.0, rampup_epochs: NonNegative = 80.0, rampup: Rampup = "correct",
-                 ema_decay: Decay = 0.999, ema_schedule: Schedule = "meanteacher", mix: Mix = "shared") -> None:
+                 ema_decay: Decay = 0.999, ema_schedule: Schedule = "meanteacher", mix: Mix = "shared",
+                 classifier_init: ClassifierInit = "independent") -> None:
         super().__init__()
         if mix == "per_view":
             raise PeerdistillError(f"method {self.key!r} needs mix=shared: the ensemble classifier reads every "
                                    f"branch at once, so the branches' views must be mixed by one draw")
         self.temperature, self.weight, self.rampup_epochs, self.rampup = temperature, weight, rampup_epochs, rampup
-        self.ema_schedule = ema_schedule
+        self.ema_schedule, self.classifier_init = ema_schedule, classifier_init
         # m = 3 branches unless the config sets ``peers`` (the paper's and the code's cohort).
         self.needs = Needs(default_peers=3, min_peers=2, topology="branched", views="per_peer", mix="shared",
                            ema_decay=ema_decay, ema_warmup="meanteacher" if ema_schedule == "meanteacher" else "none",
@@ -90,6 +95,9 @@ class PCL(Method):
         # embeddings, PyTorch's default init as in the code (its init loop only touches convs and BN).
         self.num_classes = data.num_classes
         self.ensemble_fc = nn.Linear(len(cohort) * cohort.nets[0].num_features, data.num_classes)
+        if self.classifier_init == "copy":  # before the engine copies the cohort into its EMA
+            for net in cohort.nets[1:]:
+                net.classifier.load_state_dict(cohort.nets[0].classifier.state_dict())
 
     def ensemble_logits(self, outputs: list[PeerOutput]) -> Tensor:
         """(B, K) z_e from the branches' embeddings, each computed on its branch's own view."""

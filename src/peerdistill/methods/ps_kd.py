@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..params import Probability
 from .base import METHODS, DataInfo, Method, Needs, StepRecord, all_ranks
-from .functional import soft_ce
+from .functional import f32, soft_ce
 
 
 @METHODS.register("ps_kd")
@@ -48,7 +48,7 @@ class PSKD(Method):
         a = self.alpha_t * (rec.epoch + 1) / rec.total_epochs
         terms: dict[str, Tensor] = {}
         for i, (o, v) in enumerate(zip(rec.outputs, rec.views)):
-            onehot = F.one_hot(v.labels, rec.num_classes).float()
+            onehot = F.one_hot(v.labels, rec.num_classes).to(self.store.dtype)
             target = (1.0 - a) * onehot + a * self.store[i, v.index]  # (B, K)
             terms[f"ce{i}"] = soft_ce(o.logits, target if v.mix is None else v.mix.mix(target))
         return terms
@@ -57,5 +57,6 @@ class PSKD(Method):
     def update(self, rec: StepRecord) -> None:
         for i, (o, v) in enumerate(zip(rec.outputs, rec.views)):
             if v.mix is None:
-                index, probs = all_ranks(v.index, F.softmax(o.logits.detach().float(), dim=1))  # every rank stores every sample
+                # every rank stores every sample
+                index, probs = all_ranks(v.index, F.softmax(f32(o.logits.detach()), dim=1))
                 self.store[i, index] = probs

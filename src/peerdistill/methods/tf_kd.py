@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..params import Interval, NonNegative, Positive, Probability
 from .base import METHODS, Method, Needs, StepRecord
-from .functional import kd_soft
+from .functional import f32, kd_soft
 
 
 @METHODS.register("tf_kd")
@@ -43,10 +43,10 @@ class TFKD(Method):
         self.temperature, self.alpha, self.multiplier, self.correct_prob = temperature, alpha, multiplier, correct_prob
         self.needs = Needs(default_peers=1)
 
-    def teacher(self, labels: Tensor, num_classes: int) -> Tensor:
+    def teacher(self, labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(B, K) q = softmax(u / tau) of the virtual teacher's distribution u."""
         a, k = self.correct_prob, num_classes
-        u = torch.full((labels.shape[0], k), (1.0 - a) / (k - 1), device=labels.device)
+        u = torch.full((labels.shape[0], k), (1.0 - a) / (k - 1), device=labels.device, dtype=dtype)
         u.scatter_(1, labels[:, None], a)
         return F.softmax(u / self.temperature, dim=1)
 
@@ -54,7 +54,7 @@ class TFKD(Method):
         terms: dict[str, Tensor] = {}
         k = rec.num_classes
         for i, (o, v) in enumerate(zip(rec.outputs, rec.views)):
-            q = self.teacher(v.labels, k)
+            q = self.teacher(v.labels, k, f32(o.logits).dtype)
             q = q if v.mix is None else v.mix.mix(q)
             terms[f"ce{i}"] = (1.0 - self.alpha) * rec.ce(o.logits, i)
             terms[f"reg{i}"] = self.alpha * self.multiplier * kd_soft(o.logits, q) / k  # batch mean / K = mean

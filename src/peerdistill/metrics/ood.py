@@ -72,12 +72,18 @@ def sklearn_metrics() -> object:
     return skm
 
 
-def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 0.95) -> dict[str, float]:
+FPR_RULES = ("highest", "odin")
+
+
+def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 0.95,
+                      fpr_rule: str = "highest") -> dict[str, float | None]:
     """AUROC, AUPR-in, AUPR-out and the FPR at ``tpr`` recall of the in-distribution set, all in %.
 
     AUPR-in ranks in-distribution samples as positives by the score; AUPR-out ranks the OOD samples
-    as positives by the negated score (Hendrycks & Gimpel 2017). FPR95: the share of OOD samples
-    scoring at or above the highest threshold that keeps ``tpr`` of the in-distribution samples.
+    as positives by the negated score (Hendrycks & Gimpel 2017). FPR95 (``fpr_rule``): ``highest``, the
+    share of OOD samples scoring at or above the highest threshold that keeps ``tpr`` of the
+    in-distribution samples; ``odin``, ODIN's ``calMetric.tpr95`` (:func:`fpr_odin`). On a few hundred
+    samples the two can be several points apart.
     """
     skm = sklearn_metrics()
     s_in, s_out = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
@@ -85,12 +91,32 @@ def detection_metrics(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 
         raise PeerdistillError("OOD metrics need samples on both sides (in- and out-of-distribution)")
     y = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])
     s = np.concatenate([s_in, s_out])
-    fpr, tpr_curve, _ = skm.roc_curve(y, s, drop_intermediate=False)
-    at = fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")]
+    if fpr_rule == "odin":
+        at = fpr_odin(s_in, s_out, tpr)
+    else:
+        fpr, tpr_curve, _ = skm.roc_curve(y, s, drop_intermediate=False)
+        at = fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")]
     return {"auroc": 100 * float(skm.roc_auc_score(y, s)),
             "aupr_in": 100 * float(skm.average_precision_score(y, s)),
             "aupr_out": 100 * float(skm.average_precision_score(1 - y, -s)),
-            f"fpr{round(100 * tpr)}": 100 * float(at)}
+            f"fpr{round(100 * tpr)}": None if math.isnan(at) else 100 * float(at)}  # None: no such threshold
+
+
+def fpr_odin(s_in: np.ndarray, s_out: np.ndarray, tpr: float = 0.95, band: float = 5e-4) -> float:
+    """ODIN's FPR at ``tpr`` (``calMetric.tpr95``): the mean, over every threshold d whose TPR
+    ``mean(s_in >= d)`` is within ``band`` of ``tpr``, of ``mean(s_out > d)``. ODIN averages over a grid of
+    100 000 thresholds on a fixed score range; this is that average with every threshold weighted alike
+    (the grid's limit), exact from the sorted scores. NaN when no threshold has such a TPR."""
+    cuts = np.unique(np.concatenate([s_in, s_out]))
+    if len(cuts) < 2:
+        return float("nan")
+    mids, widths = (cuts[1:] + cuts[:-1]) / 2, np.diff(cuts)  # on each gap both rates are constant
+    tprs = (s_in[None] >= mids[:, None]).mean(1)
+    keep = np.abs(tprs - tpr) <= band + 1e-12
+    if not keep.any():
+        return float("nan")
+    fprs = (s_out[None] > mids[keep][:, None]).mean(1)
+    return float((fprs * widths[keep]).sum() / widths[keep].sum())
 
 
 def output_scores(z: Tensor, energy_t: float = 1.0) -> dict[str, Tensor]:

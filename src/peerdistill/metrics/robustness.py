@@ -4,7 +4,7 @@ An attack gets the *attacked function* ``f: x -> (B, K)`` scores (logits or log-
 cross-entropy of log-probabilities is the same as of logits) and images ``x`` in the space the budget
 ``eps`` is measured in. peerdistill attacks uint8 -> [0, 1] images and normalises inside ``f``, so
 ``eps = 8/255`` means eight grey levels (:mod:`peerdistill.engine.robust`); the SD-Dropout authors'
-setting attacks normalised tensors instead (:func:`fgsm` with ``clip=(0, 1)`` there, see the docs).
+setting attacks normalised tensors instead (:func:`fgsm_normalised`, see the docs).
 Every attack runs in float32 and leaves the parameters' gradients untouched.
 """
 from __future__ import annotations
@@ -51,6 +51,29 @@ def fgsm(f: Attacked, x: Tensor, y: Tensor, eps: float,
     """
     adv = _full(x) + eps * input_gradient(f, x, y).sign()
     return adv.clamp(*clip) if clip is not None else adv
+
+
+def fgsm_normalised(f: Attacked, x: Tensor, eps: float, mean: Tensor, std: Tensor) -> Tensor:
+    """IBM ART's ``FastGradientMethod(eps)`` on a ``PyTorchClassifier(clip_values=(0, 1))`` fed tensors
+    normalised with ``mean`` / ``std`` (the SD-Dropout authors' setting), expressed on [0, 1] images.
+
+    The attack runs on ``(x - mean) / std`` against the model's own predictions (ART without labels) and
+    is clipped to (0, 1) *in that normalised space*; the result is mapped back to pixels. So ``eps`` is
+    ``eps * std`` in pixels per channel, and the clip box is ``[mean, mean + std]``.
+
+    Args:
+        f: the attacked function of [0, 1] images.
+        x: (B, C, H, W) clean images in [0, 1].
+        eps: the budget in normalised units.
+        mean, std: (C, 1, 1) the normalisation the attack sees.
+    """
+    def g(xn: Tensor) -> Tensor:
+        return f(xn * std + mean)
+
+    xn = (_full(x) - mean) / std
+    with torch.no_grad():
+        pred = g(xn).argmax(1)
+    return fgsm(g, xn, pred, eps, clip=(0.0, 1.0)) * std + mean
 
 
 def pgd(f: Attacked, x: Tensor, y: Tensor, eps: float, steps: int = 10, step_size: float | None = None,

@@ -28,7 +28,8 @@ import yaml
 from tqdm import tqdm
 
 from .. import config as C
-from ..data.augmentations import PAPER_AUGS, Augmentation, aug_label, build_augmentation, parse_aug_spec
+from ..data.augmentations import (PAPER_AUGS, Augmentation, aug_label, augmentation_params, build_augmentation,
+                                  parse_aug_spec)
 from ..data.loader import DeviceLoader, to_device
 from ..data.views import ViewContext
 from ..errors import PeerdistillError
@@ -113,6 +114,7 @@ class _Entry:
     label: str
     aug: Augmentation | None  # None: no augmentation (the original batch only, 5 x 64 per group)
     acc: GroupMeans
+    params: dict[str, Any] = field(default_factory=dict)  # every parameter, defaults included (provenance)
     gen: torch.Generator = field(default_factory=torch.Generator)  # this augmentation's own draws
     ctx: ViewContext | None = None
 
@@ -173,7 +175,8 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
                 _iteration(x, entries, teacher_fn, opts.temperature)
                 bar.update(1)
     bar.close()
-    results = sorted(({"aug": e.label, **e.acc.result()} for e in entries), key=lambda r: r["t_stddev"])
+    results = sorted(({"aug": e.label, "params": e.params, **e.acc.result()} for e in entries),
+                     key=lambda r: r["t_stddev"])
     return {"teacher": str(teacher), "dataset": cfg.data.name, "epochs": opts.epochs, "batch_size": opts.batch_size,
             "group_iters": opts.group_iters, "temperature": opts.temperature, "seed": opts.seed,
             "precision": precision.name, "student": opts.student, "seconds": time.perf_counter() - t0,
@@ -226,7 +229,7 @@ def _entries(augs: list[str] | None, has_student: bool, image_size: tuple[int, i
             notes.append(f"{label} left out: {e}")
             continue
         aug.setup(image_size, crop_padding)
-        entries.append(_Entry(label, aug, GroupMeans(group_iters)))
+        entries.append(_Entry(label, aug, GroupMeans(group_iters), {**augmentation_params(name), **args}))
     return entries, notes
 
 

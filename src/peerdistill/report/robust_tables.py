@@ -26,8 +26,11 @@ def adversarial_table(part: dict[str, Any]) -> str:
              f"PGD {plural(s['pgd_steps'], 'step')}{'' if s['pgd_random_start'] else ', no random start'}",
              *text_table(header, rows, "l" + "r" * (len(header) - 1))]
     if authors:
-        lines.append(f"authors: IBM ART FGSM eps={s['authors_eps']:g} on normalised inputs, clipped to (0, 1), "
-                     "against the predicted labels (SD-Dropout's _3_adv_robust.py)")
+        a = res.get("fgsm_authors_setting", {})
+        pixels = (f" ({a['normalisation']} normalisation: {'/'.join(f'{v:.1f}' for v in a['pixel_eps_255'])}/255 "
+                  f"in pixels per channel)") if a else ""
+        lines.append(f"authors: IBM ART FGSM eps={s['authors_eps']:g} on normalised inputs{pixels}, clipped to (0, 1) "
+                     "there, against the predicted labels (SD-Dropout's _3_adv_robust.py)")
     return "\n".join(lines)
 
 
@@ -58,7 +61,10 @@ def ood_table(part: dict[str, Any]) -> str:
                 rows.append([name, head, score, *(_num(m.get(k)) for k in ("auroc", "aupr_in", "aupr_out", "fpr95"))])
     return "\n".join([f"OOD detection (%), in-distribution: {res['in_distribution']}; "
                       f"ODIN T={s['odin_temperature']:g}, eps={s['odin_eps']:g} ({s['odin_space']}); "
-                      f"energy T={s['energy_temperature']:g}",
+                      f"energy T={s['energy_temperature']:g}; FPR95 at the "
+                      + ("highest threshold keeping 95 % of the in-distribution scores"
+                         if s.get("fpr_rule", "highest") == "highest"
+                         else "mean over the thresholds with TPR 95 % ± 0.05 (ODIN's)"),
                       *text_table(["OOD set", "head", "score", "AUROC", "AUPR-in", "AUPR-out", "FPR95"], rows,
                                   "lllrrrr")])
 
