@@ -4,7 +4,7 @@ worker processes that hand uint8 batches to the device, and packing folders into
 Nothing here decodes at import time: ``simplejpeg`` and ``Pillow`` (``pip install 'peerdistill[imagenet]'``)
 are imported when the first image is decoded.
 """
-from .decode import DecodeError, decode, image_size
+from .codec import DecodeError, decode, image_size
 from .loader import HostBatch, StreamDataset, StreamLoader, sequential_rows
 from .protocol import central_box, eval_geometry, resize_size, rrc_box, sample_rng
 from .sets import IMAGE_EXTENSIONS, FolderSet, LazySet, scan_folder

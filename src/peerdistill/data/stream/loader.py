@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ...errors import PeerdistillError
-from .decode import DecodeError
+from .codec import DecodeError
 from .sets import LazySet
 from .transform import HostTransform, empty_views
 

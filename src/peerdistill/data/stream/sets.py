@@ -66,6 +66,15 @@ class FolderSet(LazySet):
         self._paths = np.frombuffer(paths, np.uint8) if isinstance(paths, bytes) else paths
         self._starts, self._ends = starts, ends
 
+    @classmethod
+    def from_paths(cls, root: str | Path, relpaths: list[str], labels: np.ndarray | list[int],
+                   classes: list[str]) -> FolderSet:
+        """A set of the given files (paths relative to ``root``) and labels."""
+        encoded = [p.encode() for p in relpaths]
+        ends = np.cumsum([len(p) for p in encoded], dtype=np.int64)
+        return cls(Path(root), b"".join(encoded), ends - [len(p) for p in encoded], ends,
+                   np.asarray(labels, np.int64), classes)
+
     def relpath(self, i: int) -> str:
         """Sample ``i``'s path relative to ``root`` (``<class>/<file>``)."""
         return self._paths[self._starts[i]:self._ends[i]].tobytes().decode()
@@ -128,21 +137,19 @@ def scan_folder(split_dir: str | Path, classes: list[str] | None = None, require
     if extra:
         raise PeerdistillError(f"{d} has class folders that are not among the {len(classes)} classes: "
                                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    blob, starts, ends, labels, skipped = bytearray(), [], [], [], []
+    relpaths: list[str] = []
+    labels: list[int] = []
+    skipped: list[str] = []
     for label, c in enumerate(classes):
         images, other = _walk(d / c) if (d / c).is_dir() else ([], [])
         skipped += [f"{c}/{p}" for p in other]
         if require_all and not images:
             raise PeerdistillError(f"class folder {d / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for p in images:
-            starts.append(len(blob))
-            blob += f"{c}/{p}".encode()
-            ends.append(len(blob))
-            labels.append(label)
+        relpaths += [f"{c}/{p}" for p in images]
+        labels += [label] * len(images)
     if not labels:
         raise PeerdistillError(f"{d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    out = FolderSet(d, bytes(blob), np.array(starts, np.int64), np.array(ends, np.int64),
-                    np.array(labels, np.int64), classes)
+    out = FolderSet.from_paths(d, relpaths, labels, classes)
     if skipped:
         out.notes.append(f"skipped {len(skipped)} file(s) under {d} that are not images "
                          f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {d / skipped[0]}")

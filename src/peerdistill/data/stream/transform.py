@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .decode import decode, image_size, reduction, resize
+from .codec import decode, image_size, reduction, resize
 from .protocol import eval_geometry, rrc_box, sample_rng
 
 

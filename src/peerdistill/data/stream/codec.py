@@ -110,7 +110,8 @@ def _decode_pil(data: bytes, channels: int, reduce: int) -> tuple[np.ndarray, in
     with _pil_open(data) as im:
         full = im.size
         if reduce > 1 and im.format == "JPEG":
-            im.draft(mode, (-(-full[0] // reduce), -(-full[1] // reduce)))
+            # Pillow picks the largest power of two <= min(W // w, H // h): floor sizes make that ``reduce``.
+            im.draft(mode, (max(1, full[0] // reduce), max(1, full[1] // reduce)))
         try:
             arr = np.array(im.convert(mode))  # a writable copy: torch.from_numpy refuses read-only arrays
         except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
