@@ -129,6 +129,9 @@ def resize(pixels: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
     t = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
     if (t.shape[1], t.shape[0]) == tuple(size):
         return t
-    x = t.permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) view of the HWC pixels
+    # (1, C, h, w) in channels-last storage: a crop is a strided view, and copying it into a dense
+    # channels-last block first (cheap: one pass over the crop) selects torch's vectorised uint8 kernel and
+    # gives an output already in HWC order -- together about 3x faster than resizing the view directly.
+    x = t.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     out = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0)

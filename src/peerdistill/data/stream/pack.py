@@ -30,6 +30,7 @@ import numpy as np
 from ...errors import PeerdistillError
 from ...fileio import atomic_write
 from .codec import DecodeError, decode, image_size
+from .protocol import eval_geometry
 from .sets import FolderSet, class_folders, scan_folder
 from .shards import META, PLAN
 
@@ -79,13 +80,13 @@ def bounded(data: bytes, max_side: int | None, quality: int) -> tuple[bytes, str
         return data, ext
     from PIL import Image
 
-    scale = max_side / min(size)
-    new = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    new, _ = eval_geometry(size[0], size[1], max_side, 1.0)  # torchvision's Resize(max_side) sizes
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", new)  # JPEG: decode at reduced size in the DCT where that stays >= new
             im = im.convert("L" if im.mode in ("L", "LA", "I;16") else "RGB")
-            small = im.resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            # The filter of the evaluation resize (antialiased bilinear, torchvision's Resize): with
+            # max_side = 256, evaluating from the shards is evaluating from the files plus one JPEG pass.
+            small = im.resize(new, Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(str(e)) from None
     buf = io.BytesIO()
