@@ -137,6 +137,19 @@ def measure(pipeline: str, source: str, workers: int, n_images: int) -> dict:
             "load_before": load0, "load_after": os.getloadavg()[0]}
 
 
+def warm_up(folder: str | None, shards: list[str]) -> None:
+    """Read every file once (the page cache then holds them for every configuration alike) and build the
+    shards' index, so no measurement pays for either."""
+    sets = ([scan_folder(folder)] if folder else []) + [open_shards(s) for s in shards]
+    for s in sets:
+        for i in range(len(s)):
+            s.read(i)
+
+
+def _name(source: str) -> str:
+    return "/".join(Path(source).parts[-2:])
+
+
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,13 +171,14 @@ def main() -> None:
         return
     runs = [(pipe, src) for pipe, src in (("conventional", a.folder), ("ours-folder", a.folder))
             if src and pipe in a.only] + [("ours-shards", s) for s in a.shards if "ours-shards" in a.only]
+    warm_up(a.folder, a.shards)
     results = []
     for rep in range(a.repeat):  # interleaved, so a change of load hits every configuration alike
         for w in a.workers:
             for pipe, src in runs:
                 r = _child([pipe, src, str(w), str(a.images)])
                 results.append(r)
-                print(f"rep {rep} {pipe:13s} {Path(src).name:12s} w={w} {r['images_per_s']:7.1f} img/s "
+                print(f"rep {rep} {pipe:13s} {_name(src):16s} w={w} {r['images_per_s']:7.1f} img/s "
                       f"worker {r['worker_cpu_ms']:5.2f} ms/img total {r['total_cpu_ms']:5.2f} ms/img "
                       f"rss main {r['rss_main_mb']:.0f} MB worker {r['rss_worker_mb']:.0f} MB "
                       f"load {r['load_before']:.2f}->{r['load_after']:.2f}", flush=True)
@@ -178,18 +192,19 @@ def summary(results: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["pipeline"], r["source"], r["workers"]), []).append(r)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("images_per_s", "worker_cpu_ms", "total_cpu_ms")}
-           for k, v in groups.items()}
+    metrics = ("images_per_s", "worker_cpu_ms", "total_cpu_ms", "rss_main_mb", "rss_worker_mb")
+    med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in groups.items()}
     print("\n| pipeline | source | workers | images/s | worker CPU ms/img | total CPU ms/img | x conv. "
-          "(images/s) | x conv. (per CPU-s) | load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+          "(images/s) | x conv. (per CPU-s) | peak RSS main / worker MB | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for (pipe, src, w), m in med.items():
         conv = next((v for (p2, _, w2), v in med.items() if p2 == "conventional" and w2 == w), None)
         loads = [x["load_before"] for x in groups[(pipe, src, w)]]
         ratio = (f"{m['images_per_s'] / conv['images_per_s']:.2f} | {conv['total_cpu_ms'] / m['total_cpu_ms']:.2f}"
                  if conv else "- | -")
-        print(f"| {pipe} | {Path(src).name} | {w} | {m['images_per_s']:.0f} | {m['worker_cpu_ms']:.2f} | "
-              f"{m['total_cpu_ms']:.2f} | {ratio} | {min(loads):.1f}-{max(loads):.1f} |")
+        print(f"| {pipe} | {_name(src)} | {w} | {m['images_per_s']:.0f} | {m['worker_cpu_ms']:.2f} | "
+              f"{m['total_cpu_ms']:.2f} | {ratio} | {m['rss_main_mb']:.0f} / {m['rss_worker_mb']:.0f} | "
+              f"{min(loads):.1f}-{max(loads):.1f} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ decoding, decodes straight into a numpy array, and can decode at 1/2, 1/4 or 1/8
 (libjpeg's scaled IDCT), which the callers use only where the crop will be shrunk by at least that much
 anyway. Everything else (PNG, WebP, BMP, CMYK JPEGs) and every JPEG when ``simplejpeg`` is missing goes
 through Pillow (whose ``draft`` gives the same reduced-size decoding). The resize is torch's uint8
-antialiased bilinear kernel: the same filter as Pillow's ``BILINEAR`` resize (mean difference 0.02 grey
-levels, at most 3, on 224-pixel crops) at about a third of its cost.
+antialiased bilinear kernel: the same filter as Pillow's ``BILINEAR`` resize (224-px crops differ by
+0.04 grey levels on average) at a quarter of its cost (benchmarks/decode_options.py).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def reduction(crop_sizes: list[tuple[int, int]], out_size: tuple[int, int]) -> i
     return 1
 
 
-def decode(data: bytes, channels: int = 3, reduce: int = 1, fast: bool = False) -> tuple[np.ndarray, int]:
+def decode(data: bytes, channels: int = 3, reduce: int = 1) -> tuple[np.ndarray, int]:
     """Decode an encoded image into uint8 ``(H, W, channels)``.
 
     Args:
@@ -81,8 +81,6 @@ def decode(data: bytes, channels: int = 3, reduce: int = 1, fast: bool = False) 
         channels: 3 (RGB) or 1 (grey).
         reduce: Decode JPEGs at ``1 / reduce`` of the size (1, 2, 4, 8): the output is
             ``ceil(W / reduce) x ceil(H / reduce)``. Other formats ignore it.
-        fast: libjpeg-turbo's fast integer IDCT and plain chroma upsampling (simplejpeg only): a few
-            percent faster, slightly less accurate.
 
     Returns:
         The pixels and the reduction actually applied (1 for non-JPEG images).
@@ -95,8 +93,10 @@ def decode(data: bytes, channels: int = 3, reduce: int = 1, fast: bool = False) 
     if sj is not None and size is not None:
         w, h = size
         try:
-            arr = sj.decode_jpeg(data, "RGB" if channels == 3 else "GRAY", fastdct=fast, fastupsample=fast,
-                                 min_height=-(-h // reduce), min_width=-(-w // reduce), strict=True)
+            # The accurate IDCT and chroma upsampling: the fast ones save ~7 % of the decode and move a
+            # 224-px crop by 3 grey levels on average (benchmarks/decode_options.py).
+            arr = sj.decode_jpeg(data, "RGB" if channels == 3 else "GRAY", min_height=-(-h // reduce),
+                                 min_width=-(-w // reduce), strict=True)
         except ValueError as e:
             raise DecodeError(str(e)) from None
         return arr.reshape(arr.shape[0], arr.shape[1], channels), (reduce if arr.shape[1] < w else 1)

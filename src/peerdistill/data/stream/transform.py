@@ -32,7 +32,6 @@ class HostTransform:
         flip: Mirror each training view with probability 1/2 on the host (off: leave flips to the device).
         channels: 3 (RGB) or 1 (grey).
         seed: Base seed of every draw.
-        fast_decode: libjpeg-turbo's fast IDCT and chroma upsampling (see docs for the measured cost).
     """
 
     image_size: int = 224
@@ -44,7 +43,6 @@ class HostTransform:
     flip: bool = False
     channels: int = 3
     seed: int = 0
-    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.views < 1 or self.channels not in (1, 3):
@@ -83,8 +81,7 @@ class HostTransform:
     def _train(self, data: bytes, width: int, height: int, epoch: int, index: int, out: Tensor) -> None:
         views = self.boxes(width, height, epoch, index)
         size = (self.image_size, self.image_size)
-        pixels, r = decode(data, self.channels, reduction([(b[2], b[3]) for b, _ in views], size),
-                           self.fast_decode)
+        pixels, r = decode(data, self.channels, reduction([(b[2], b[3]) for b, _ in views], size))
         for v, ((x, y, w, h), mirrored) in enumerate(views):
             # Box corners in the reduced image: off by at most r/2 source pixels of a crop >= 2r * size wide.
             x0, y0 = min(round(x / r), pixels.shape[1] - 1), min(round(y / r), pixels.shape[0] - 1)
@@ -94,7 +91,7 @@ class HostTransform:
 
     def _eval(self, data: bytes, width: int, height: int, out: Tensor) -> None:
         (nw, nh), (x, y, w, h) = eval_geometry(width, height, self.image_size, self.crop_pct)
-        pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)), self.fast_decode)
+        pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)))
         out.copy_(resize(pixels, (nw, nh))[y:y + h, x:x + w])
 
 
