@@ -160,6 +160,7 @@ def test_grey_cmyk_rgba_and_png_in_a_jpg_decode_to_rgb() -> None:
         assert arr.shape == (*rgb.shape[:2], 3) and arr.dtype == np.uint8 and r == 1, mode
     grey, _ = dec.decode(_jpeg((40, 50)), channels=1)
     assert grey.shape == (*rgb.shape[:2], 1)
+    assert _run(HostTransform(image_size=16, views=2, channels=1), _jpeg((40, 50))).shape == (2, 16, 16, 1)
 
 
 def test_pillow_fallback_without_simplejpeg(monkeypatch: pytest.MonkeyPatch) -> None:

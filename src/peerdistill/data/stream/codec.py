@@ -11,6 +11,7 @@ antialiased bilinear kernel: the same filter as Pillow's ``BILINEAR`` resize (22
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -113,11 +114,19 @@ def _decode_pil(data: bytes, channels: int, reduce: int) -> tuple[np.ndarray, in
             # Pillow picks the largest power of two <= min(W // w, H // h): floor sizes make that ``reduce``.
             im.draft(mode, (max(1, full[0] // reduce), max(1, full[1] // reduce)))
         try:
-            arr = np.array(im.convert(mode))  # a writable copy: torch.from_numpy refuses read-only arrays
+            arr = np.asarray(im if im.mode == mode else im.convert(mode))  # read-only, never written
         except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
             raise DecodeError(str(e) or type(e).__name__) from None
     applied = reduce if arr.shape[1] < full[0] else 1
     return arr.reshape(arr.shape[0], arr.shape[1], channels), applied
+
+
+def _tensor(pixels: np.ndarray) -> Tensor:
+    if pixels.flags.writeable:
+        return torch.from_numpy(pixels)
+    with warnings.catch_warnings():  # Pillow's pixels are read-only; nothing here writes into them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels)
 
 
 def resize(pixels: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
@@ -126,7 +135,7 @@ def resize(pixels: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
     Returns:
         uint8 ``(H, W, C)`` (a view of torch's output; copy it where it must persist).
     """
-    t = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+    t = _tensor(pixels) if isinstance(pixels, np.ndarray) else pixels
     if (t.shape[1], t.shape[0]) == tuple(size):
         return t
     # (1, C, h, w) in channels-last storage: a crop is a strided view, and copying it into a dense

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .codec import decode, image_size, reduction, resize
-from .protocol import eval_geometry, rrc_box, sample_rng
+from .protocol import Box, eval_geometry, rrc_box, sample_rng
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class HostTransform:
         """Views in the output: ``views`` in training, 1 in evaluation."""
         return self.views if self.train else 1
 
-    def boxes(self, width: int, height: int, epoch: int, index: int) -> list[tuple[tuple[int, int, int, int], bool]]:
+    def boxes(self, width: int, height: int, epoch: int, index: int) -> list[tuple[Box, bool]]:
         """Each training view's crop box and whether it is mirrored."""
         out = []
         for v in range(self.views):
