@@ -204,6 +204,9 @@ def test_pack_resumes_after_a_crash_and_refuses_other_settings(tree: Path, tmp_p
     pack(tree / "train", dst, opts)
     first = {p.name: p.read_bytes() for p in dst.glob("*.tar")}
     assert len(first) == 5
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in [*dst.glob("*.tar"), dst / "meta.json"]} == {0o666 & ~mask}
     # A crash: the plan is back, meta.json and two shards are gone, a temp file of a shard is left.
     (dst / "meta.json").rename(tmp_path / "meta.json")
     (dst / PLAN).write_text(json.dumps({"plan": json.loads((tmp_path / "meta.json").read_text())["plan"]}))

@@ -2,9 +2,9 @@
 
 Every image is decoded once while packing (a corrupt file is a one-line error naming it, found before a
 training run meets it). With ``max_side`` every image whose shorter side exceeds it is re-encoded as a
-JPEG of quality ``quality`` with its shorter side ``max_side`` (as FFCV's ``max_resolution``, which bounds
-the size the same way): a cluster reads fewer bytes and the training workers decode fewer pixels. Images
-already small enough are stored byte for byte.
+JPEG of quality ``quality`` with its shorter side ``max_side`` (FFCV's ``max_resolution`` bounds the longer
+side instead): a cluster reads fewer bytes and the training workers decode fewer pixels. Images already
+small enough are stored byte for byte.
 
 The samples are shuffled once (seeded) before they are cut into shards of ``shard_size``, so a sequential
 webdataset reader sees mixed classes. The plan -- the source files (path, size, mtime, label), the
@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -100,6 +101,21 @@ def _key(relpath: str) -> str:
     return stem.replace(".", "_")
 
 
+def _publish(path: Path, write: Callable) -> None:
+    """Write ``path`` atomically, readable as any new file is (the temporary file was private)."""
+    atomic_write(path, write)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PeerdistillError(f"cannot read {path}: {e}") from None
+
+
 def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: the same pack, the same bytes
@@ -126,7 +142,7 @@ def write_shard(files: FolderSet, path: Path, opts: PackOptions) -> int:
                 _member(tf, f"{key}.{ext}", data)
                 _member(tf, f"{key}.cls", str(label).encode())
 
-    atomic_write(path, write)
+    _publish(path, write)
     return len(encoded)
 
 
@@ -143,12 +159,12 @@ def _claim(dst: Path, plan: str) -> bool:
     """Take ``dst`` for this plan; False if it already holds exactly this finished pack."""
     meta = dst / META
     if meta.is_file():
-        if json.loads(meta.read_text()).get("plan") == plan:
+        if _read_json(meta).get("plan") == plan:
             return False
         raise PeerdistillError(f"{dst} already holds a pack of other files or settings; delete it or choose "
                                f"another destination")
     if (dst / PLAN).is_file():
-        if json.loads((dst / PLAN).read_text()).get("plan") != plan:
+        if _read_json(dst / PLAN).get("plan") != plan:
             raise PeerdistillError(f"{dst} holds an unfinished pack of other files or settings; delete it or "
                                    f"choose another destination")
     elif dst.is_dir() and any(dst.glob("*.tar")):
@@ -175,7 +191,7 @@ def pack_split(files: FolderSet, dst: Path, opts: PackOptions, workers: int = 1,
     meta = {"format": "webdataset", "classes": files.classes, "samples": len(files), "shards": names,
             **asdict(opts), "plan": plan}
     if not _claim(dst, plan):
-        return json.loads((dst / META).read_text())
+        return _read_json(dst / META)
     todo = [k for k, name in enumerate(names) if not (dst / name).is_file()]
     jobs = [FolderSet.from_paths(files.root, [files.relpath(i) for i in parts[k]], files.labels[parts[k]],
                                  files.classes) for k in todo]
@@ -186,7 +202,7 @@ def pack_split(files: FolderSet, dst: Path, opts: PackOptions, workers: int = 1,
             done += 1
             if progress:
                 progress(done, len(names))
-    atomic_write(dst / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    _publish(dst / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     (dst / PLAN).unlink()
     return meta
 
