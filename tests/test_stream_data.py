@@ -52,7 +52,11 @@ def test_folder_listing(tree: Path) -> None:
     assert np.all(np.diff(s.labels) >= 0) and not s.notes
     sub = s.subset(np.array([5, 0]))
     assert sub.read(0) == s.read(5) and sub.labels.tolist() == [s.labels[5], s.labels[0]]
-    assert s.with_labels(np.zeros(len(s))).labels.sum() == 0 and s.labels.sum() > 0
+    relabelled = s.with_labels(np.zeros(len(s)), ["all"])
+    assert relabelled.labels.sum() == 0 and relabelled.classes == ["all"] and s.labels.sum() > 0
+    assert relabelled.read(3) == s.read(3)
+    with pytest.raises(ValueError):
+        s.with_labels(np.zeros(2))
 
 
 def test_non_image_files_are_skipped_and_counted(copy: Path) -> None:

@@ -49,10 +49,13 @@ class LazySet:
         """The samples ``idx``, in that order (a validation split, a training subset)."""
         raise NotImplementedError
 
-    def with_labels(self, labels: np.ndarray) -> LazySet:
-        """The same samples with other labels (classes renumbered after a hold-out)."""
+    def with_labels(self, labels: np.ndarray, classes: list[str] | None = None) -> LazySet:
+        """The same samples with other labels (and class names), e.g. renumbered after a hold-out."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != self.labels.shape:
+            raise ValueError(f"{len(labels)} labels for {len(self)} samples")
         out = self.subset(np.arange(len(self)))
-        out.labels = np.asarray(labels, dtype=np.int64)
+        out.labels, out.classes = labels, self.classes if classes is None else list(classes)
         return out
 
 
@@ -71,9 +74,9 @@ class FolderSet(LazySet):
                    classes: list[str]) -> FolderSet:
         """A set of the given files (paths relative to ``root``) and labels."""
         encoded = [p.encode() for p in relpaths]
-        ends = np.cumsum([len(p) for p in encoded], dtype=np.int64)
-        return cls(Path(root), b"".join(encoded), ends - [len(p) for p in encoded], ends,
-                   np.asarray(labels, np.int64), classes)
+        lengths = np.array([len(p) for p in encoded], dtype=np.int64)
+        ends = np.cumsum(lengths)
+        return cls(Path(root), b"".join(encoded), ends - lengths, ends, np.asarray(labels, np.int64), classes)
 
     def relpath(self, i: int) -> str:
         """Sample ``i``'s path relative to ``root`` (``<class>/<file>``)."""
