@@ -61,6 +61,18 @@ def accuracy(name: str, outs: list[np.ndarray], refs: list[np.ndarray]) -> None:
           f"(worst image {worst:.2f}) grey levels")
 
 
+def pil_decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def pil_crop_resize(im: Image.Image, b: tuple[int, int, int, int]) -> Image.Image:
+    return im.crop((b[0], b[1], b[0] + b[2], b[1] + b[3])).resize(OUT, Image.Resampling.BILINEAR)
+
+
+def pil_box_resize(im: Image.Image, b: tuple[int, int, int, int]) -> Image.Image:
+    return im.resize(OUT, Image.Resampling.BILINEAR, box=(b[0], b[1], b[0] + b[2], b[1] + b[3]))
+
+
 def crop_resize_torch(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     x, y, w, h = box
     return resize(pixels[y:y + h, x:x + w], OUT).numpy()
@@ -85,20 +97,19 @@ def main() -> None:
           f"{np.mean([b[2] * b[3] for b in boxes]) / 1e3:.0f} kpixels")
 
     print("decode (CPU ms/image):")
-    print(f"  Pillow open + convert RGB      {cpu_ms(lambda d, b: Image.open(io.BytesIO(d)).convert('RGB'), items):.3f}")
+    print(f"  Pillow open + convert RGB      {cpu_ms(lambda d, b: pil_decode(d), items):.3f}")
     print(f"  simplejpeg                     {cpu_ms(lambda d, b: simplejpeg.decode_jpeg(d, 'RGB'), items):.3f}")
     print(f"  simplejpeg fastdct+fastupsample "
           f"{cpu_ms(lambda d, b: simplejpeg.decode_jpeg(d, 'RGB', fastdct=True, fastupsample=True), items):.3f}")
     fast = [simplejpeg.decode_jpeg(d, "RGB", fastdct=True, fastupsample=True) for d in datas]
     accuracy("fastdct + fastupsample", [crop_resize_torch(f, b) for f, b in zip(fast, boxes)], refs)
-    pil = [np.array(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+    pil = [np.array(pil_decode(d)) for d in datas]
     accuracy("Pillow's decode (its own libjpeg-turbo build)", [crop_resize_torch(f, b) for f, b in zip(pil, boxes)],
              refs)
 
     print("crop + resize to 224 (CPU ms/image, decoded pixels given):")
     pil_imgs = [Image.fromarray(f) for f in full]
-    conv = lambda im, b: im.crop((b[0], b[1], b[0] + b[2], b[1] + b[3])).resize(OUT, Image.Resampling.BILINEAR)  # noqa: E731
-    box = lambda im, b: im.resize(OUT, Image.Resampling.BILINEAR, box=(b[0], b[1], b[0] + b[2], b[1] + b[3]))  # noqa: E731
+    conv, box = pil_crop_resize, pil_box_resize
     print(f"  Pillow crop().resize()         {cpu_ms(conv, list(zip(pil_imgs, boxes))):.3f}")
     print(f"  Pillow resize(box=)            {cpu_ms(box, list(zip(pil_imgs, boxes))):.3f}")
     print(f"  torch uint8 antialiased        {cpu_ms(crop_resize_torch, list(zip(full, boxes))):.3f}")
