@@ -1,0 +1,100 @@
+"""The per-sample host transform: encoded bytes -> V uint8 crops of one decoded image.
+
+Training: V independent RandomResizedCrops (one per view, e.g. one per peer) of a single decode, each
+resized to ``image_size`` (and mirrored with probability 1/2 when ``flip``). When every crop will be
+shrunk by 2x or more the JPEG is decoded at reduced size in the DCT first (never below the size any crop
+needs). Evaluation: the image resized so its shorter side is ``image_size / crop_pct``, then the centre
+``image_size`` square (V = 1). Every draw comes from :func:`~.protocol.sample_rng` of
+``(seed, epoch, sample index, view)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .codec import decode, image_size, reduction, resize
+from .protocol import Box, eval_geometry, rrc_box, sample_rng
+
+
+@dataclass(frozen=True)
+class HostTransform:
+    """What the host does to one sample.
+
+    Attributes:
+        image_size: Side of the square output.
+        train: RandomResizedCrop views (True) or resize + centre crop (False).
+        views: Crops per sample in training (V); evaluation always gives 1.
+        scale: RandomResizedCrop's area range.
+        ratio: RandomResizedCrop's aspect-ratio range.
+        crop_pct: Evaluation: the shorter side is resized to ``floor(image_size / crop_pct)``.
+        flip: Mirror each training view with probability 1/2 on the host (off: leave flips to the device).
+        channels: 3 (RGB) or 1 (grey).
+        seed: Base seed of every draw.
+    """
+
+    image_size: int = 224
+    train: bool = True
+    views: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_pct: float = 0.875
+    flip: bool = False
+    channels: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.views < 1 or self.channels not in (1, 3):
+            raise ValueError(f"bad transform {self}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"bad RandomResizedCrop ranges scale={self.scale} ratio={self.ratio}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+    @property
+    def out_views(self) -> int:
+        """Views in the output: ``views`` in training, 1 in evaluation."""
+        return self.views if self.train else 1
+
+    def boxes(self, width: int, height: int, epoch: int, index: int) -> list[tuple[Box, bool]]:
+        """Each training view's crop box and whether it is mirrored."""
+        out = []
+        for v in range(self.views):
+            rng = sample_rng(self.seed, epoch, index, v)
+            box = rrc_box(width, height, rng, self.scale, self.ratio)
+            out.append((box, bool(self.flip and rng.random() < 0.5)))
+        return out
+
+    def apply(self, data: bytes, epoch: int, index: int, out: Tensor) -> None:
+        """Decode ``data`` and write its views into ``out``: uint8 ``(V, image_size, image_size, C)``.
+
+        Raises:
+            DecodeError: the bytes are not a decodable image.
+        """
+        width, height = image_size(data)
+        if self.train:
+            self._train(data, width, height, epoch, index, out)
+        else:
+            self._eval(data, width, height, out[0])
+
+    def _train(self, data: bytes, width: int, height: int, epoch: int, index: int, out: Tensor) -> None:
+        views = self.boxes(width, height, epoch, index)
+        size = (self.image_size, self.image_size)
+        pixels, r = decode(data, self.channels, reduction([(b[2], b[3]) for b, _ in views], size))
+        for v, ((x, y, w, h), mirrored) in enumerate(views):
+            # Box corners in the reduced image: off by at most r/2 source pixels of a crop >= 2r * size wide.
+            x0, y0 = min(round(x / r), pixels.shape[1] - 1), min(round(y / r), pixels.shape[0] - 1)
+            crop = pixels[y0:max(round((y + h) / r), y0 + 1), x0:max(round((x + w) / r), x0 + 1)]
+            img = resize(crop, size)
+            out[v].copy_(img.flip(1) if mirrored else img)
+
+    def _eval(self, data: bytes, width: int, height: int, out: Tensor) -> None:
+        (nw, nh), (x, y, w, h) = eval_geometry(width, height, self.image_size, self.crop_pct)
+        pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)))
+        out.copy_(resize(pixels, (nw, nh))[y:y + h, x:x + w])
+
+
+def empty_views(n: int, t: HostTransform) -> Tensor:
+    """Uninitialised uint8 ``(n, V, image_size, image_size, C)`` for a batch of ``n`` samples."""
+    return torch.empty(n, t.out_views, t.image_size, t.image_size, t.channels, dtype=torch.uint8)
