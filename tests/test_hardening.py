@@ -384,7 +384,7 @@ def workspace(finished, tmp_path_factory) -> Path:
 
 
 POSITIONALS = {"eval": ["run"], "tstddev": ["run"], "correlate": ["ts.json", "run"], "sweep": ["study.yaml"],
-               "table": ["run"], "bench": TINY, "list": [], "train": TINY}
+               "table": ["run"], "bench": TINY, "list": [], "train": TINY, "pack": ["images", "shards"]}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

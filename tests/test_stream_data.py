@@ -238,6 +238,7 @@ def test_pack_command(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert out == f"{tmp_path / 'v'}: 9 images of 3 classes in 3 shards, shorter side at most 48 px\n"
     assert main(["pack", str(tree), str(tmp_path / "w"), "--shard-size", "0"]) == 2
-    assert capsys.readouterr().err == "error: --shard-size must be at least 1, got 0\n"
+    assert capsys.readouterr().err == ("error: peerdistill pack: argument --shard-size: must be int >= 1, got '0' "
+                                       "(see peerdistill pack --help)\n")
     assert main(["pack", str(tmp_path / "nope"), str(tmp_path / "w"), "--shard-size", "4"]) == 2
     assert "is not a folder" in capsys.readouterr().err

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
+
+from ..params import Option, PositiveInt
+
+
+def _opt(name: str) -> Option:
+    """The argparse type of a :class:`~peerdistill.data.stream.pack.PackOptions` field: its annotation."""
+    from ..data.stream.pack import PackOptions
+
+    return Option(typing.get_type_hints(PackOptions, include_extras=True)[name])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -35,14 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "same command again: finished shards are kept.")
     p.add_argument("src", help="the image folder")
     p.add_argument("dst", help="where the shards go (created; train/ and val/ below it for a dataset folder)")
-    p.add_argument("--shard-size", type=int, required=True, metavar="N", help="images per shard")
-    p.add_argument("--max-side", type=int, default=None, metavar="S",
+    p.add_argument("--shard-size", type=_opt("shard_size"), required=True, metavar="N", help="images per shard")
+    p.add_argument("--max-side", type=_opt("max_side"), default=None, metavar="S",
                    help="re-encode every image whose shorter side exceeds S pixels to a shorter side of S "
                         "(default: store every image as it is)")
-    p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of re-encoded images "
-                                                                         "(default 90)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order of the images across shards")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--quality", type=_opt("quality"), default=90, metavar="Q",
+                   help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--seed", type=_opt("seed"), default=0, help="seed of the order of the images across shards")
+    p.add_argument("--workers", type=Option(PositiveInt), default=os.cpu_count() or 1,
                    help="processes writing shards (default: one per CPU core)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(fn=run)

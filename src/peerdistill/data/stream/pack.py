@@ -21,15 +21,18 @@ import io
 import json
 import os
 import tarfile
+import typing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 from ...errors import PeerdistillError
 from ...fileio import atomic_write
+from ...params import Interval, NonNegativeInt, PositiveInt, check_value
 from .codec import DecodeError, decode, image_size
 from .protocol import eval_geometry
 from .sets import FolderSet, class_folders, scan_folder
@@ -49,18 +52,15 @@ class PackOptions:
         seed: Seed of the order of the samples across shards.
     """
 
-    shard_size: int
-    max_side: int | None = None
-    quality: int = 90
-    seed: int = 0
+    shard_size: PositiveInt
+    max_side: Annotated[int, Interval(ge=8)] | None = None
+    quality: Annotated[int, Interval(ge=1, le=100)] = 90
+    seed: NonNegativeInt = 0
 
     def check(self) -> None:
-        if self.shard_size < 1:
-            raise PeerdistillError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.max_side is not None and self.max_side < 8:
-            raise PeerdistillError(f"--max-side must be at least 8 pixels, got {self.max_side}")
-        if not 1 <= self.quality <= 100:
-            raise PeerdistillError(f"--quality must be in 1..100, got {self.quality}")
+        """Raise a one-line error naming the first setting outside its declared range."""
+        for name, hint in typing.get_type_hints(PackOptions, include_extras=True).items():
+            check_value(getattr(self, name), hint, f"--{name.replace('_', '-')}")
 
 
 def _extension(data: bytes) -> str:
