@@ -37,7 +37,9 @@ demo: setup data
 # (AVX2 / AVX-512 / AMX kernels sum in other orders), and the tolerances must hold on all of them.
 PORTABLE := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
 
+# First the layering contracts (pyproject.toml [tool.importlinter], docs/reference/design.md "Layers").
 test: setup data
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 	$(PORTABLE) $(BIN)/python -m pytest -m numerical
 

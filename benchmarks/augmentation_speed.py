@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from peerdistill.data.augment import BatchAugment
+from peerdistill.data.batch_augment import BatchAugment
 from peerdistill.data.augmentations import build_augmentation, parse_aug_spec
 from peerdistill.data.views import ViewContext
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from peerdistill.engine.bench import format_duration
+from peerdistill.text import format_duration
 from peerdistill.fileio import atomic_write
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from peerdistill.config import load
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 
 FM = ["data.name=fashion-mnist", "data.train_subset=2000", "progress=false", "tensorboard=false", "threads=1",

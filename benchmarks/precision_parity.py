@@ -21,7 +21,7 @@ import torch
 
 from peerdistill import config as C
 from peerdistill.engine.precision import resolve_device, resolve_precision
-from peerdistill.engine.run import train
+from peerdistill.run import train
 
 SETTINGS = {
     "fp32, NCHW": ["precision=fp32", "channels_last=false"],

@@ -59,10 +59,10 @@ def calibration(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def evaluate_run(run: Path, head: str) -> dict[str, Any]:
-    from peerdistill.engine.robust import Evaluated
+    from peerdistill.evaluation.robust import Evaluated
 
     ev = Evaluated(run, "last.pt", threads=torch.get_num_threads())
-    val = ev.trainer.data.val
+    val = ev.run.data.val
     if val is None:
         raise SystemExit(f"{run}: no validation split to fit the temperature on (data.val_split is 0)")
     z_val = head_logits(ev, val.images.float() / 255, head)

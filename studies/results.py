@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peerdistill.text import format_duration
+
 ALPHA = 0.05  # significance level of every verdict
 STUDIES = ("mixed_samples", "online_kd", "good_da", "self_kd", "budget")
 
@@ -92,8 +94,8 @@ def study_wall(runs: Path, study: str) -> str:
     if not path.is_file():
         return "not run"
     d = json.loads(path.read_text())
-    return (f"{fmt_duration(d.get('total_wall_s', 0))} wall on 2 cores "
-            f"({fmt_duration(d.get('runs_wall_s', 0))} summed over its {len(d['runs'])} runs)")
+    return (f"{format_duration(d.get('total_wall_s', 0))} wall on 2 cores "
+            f"({format_duration(d.get('runs_wall_s', 0))} summed over its {len(d['runs'])} runs)")
 
 
 def fmt_p(p: float, prefix: bool = True) -> str:
@@ -101,11 +103,6 @@ def fmt_p(p: float, prefix: bool = True) -> str:
     if p < 0.001:
         return "p < 0.001" if prefix else "< 0.001"
     return f"p = {p:.3f}" if prefix else f"{p:.3f}"
-
-
-def fmt_duration(s: float) -> str:
-    m = int(round(s / 60))
-    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min"
 
 
 # ------------------------------------------------------------------------------------------ verdicts
@@ -500,9 +497,9 @@ def times_section(runs: Path) -> list[str]:
         out += ["Wall time of each step as last run on this 2-core machine (a sweep's time sums its sessions; a pass "
                 "that only skips finished runs takes seconds; `peerdistill correlate` and this script take seconds):",
                 "", "| step | wall time |", "|---|---|"]
-        out += [f"| {k} | {fmt_duration(v)} |" for k, v in done]
+        out += [f"| {k} | {format_duration(v)} |" for k, v in done]
         missing = [k for k, v in steps if v is None]
-        out += [f"| **the whole evidence set** | **{fmt_duration(sum(v for _, v in done))}**"
+        out += [f"| **the whole evidence set** | **{format_duration(sum(v for _, v in done))}**"
                 + (f" (without {', '.join(missing)}: not run yet)" if missing else "") + " |", ""]
     return out
 

@@ -94,7 +94,7 @@ def no_host_reads(what: str = "a training step") -> Iterator[None]:
 def killed_and_resumed(cfg: Callable[[], Config], out: Path, monkeypatch, after: int = 1) -> dict:
     """Train ``cfg()`` into ``out``, killed (KeyboardInterrupt) once epoch ``after`` is checkpointed, then
     ``--resume`` it to the end; returns the resumed run's summary."""
-    from peerdistill.engine.run import train
+    from peerdistill.run import train
     from peerdistill.report.logger import RunLogger
 
     real = RunLogger.epoch

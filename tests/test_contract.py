@@ -14,7 +14,7 @@ from peerdistill.data.base import ImageSet
 from peerdistill.data.loader import DeviceLoader, DeviceSet
 from peerdistill.data.samplers import MPerClassSampler, PairSampler, Sampler
 from peerdistill.data.views import Extra, View, Views
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import ADDONS, METHODS, AddOn, Method, Needs, ParamGroup
 

@@ -12,7 +12,7 @@ import torch
 
 from peerdistill.config import load
 from peerdistill.engine.precision import resolve_channels_last, resolve_precision
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import METHODS
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from peerdistill.data.augment import BatchAugment, cutout, random_crop, random_flip
+from peerdistill.data.batch_augment import BatchAugment, cutout, random_crop, random_flip
 from peerdistill.data.base import ImageSet
 from peerdistill.data.fashion_mnist import read_idx
 from peerdistill.data.loader import DeviceLoader, DeviceSet, stratified_split

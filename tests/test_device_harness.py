@@ -10,7 +10,7 @@ import torch
 
 from peerdistill.config import load
 from peerdistill.data.mix import MIXERS
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.methods import ADDONS, METHODS
 from peerdistill.methods.contrastive import bank_contrast, mutual_contrast
 from peerdistill.metrics.classification import HeadMetrics, expected_calibration_error, reliability_bins
@@ -121,7 +121,7 @@ def test_lmcl_meta_step_on_the_device(teacher_dir):
 def test_robustness_evaluation_on_the_device(tmp_path):
     """``peerdistill eval --robustness`` (FGSM, PGD with its CPU-seeded random start, corruptions, OOD
     scores with ODIN's input gradient) through a run's trainer on meta."""
-    from peerdistill.engine.robust import RobustOptions, robust_evaluate
+    from peerdistill.evaluation.robust import RobustOptions, robust_evaluate
     from peerdistill.engine.trainer import Trainer
 
     out = tmp_path / "run"

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerdistill.data.augment import BatchAugment
+from peerdistill.data.batch_augment import BatchAugment
 from peerdistill.data.base import ImageSet
 from peerdistill.data.loader import DeviceLoader, DeviceSet
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2048 CIFAR-like 16x16 images, 10 classes, 2 x ResNet-8: 16 steps of 128 per epoch, ~1-2 s per epoch.

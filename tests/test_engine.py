@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peerdistill.cli import main
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.trainer import NonFiniteLoss, Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods.independent import Independent

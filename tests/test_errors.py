@@ -6,7 +6,7 @@ import gzip
 import pytest
 
 from peerdistill.cli import main
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 
 from .conftest import TINY, tiny_cfg
 

@@ -14,13 +14,13 @@ import yaml
 
 from peerdistill.cli import main
 from peerdistill.config import load
-from peerdistill.data.augment import BatchAugment
+from peerdistill.data.batch_augment import BatchAugment
 from peerdistill.data.augmentations import AUTOAUGMENT_EXTRA, PAPER_AUGS, aug_label, build_augmentation, to_uint8
 from peerdistill.data.mix import random_perm
 from peerdistill.data.pick import CutMixPick
 from peerdistill.data.views import ViewContext
 from peerdistill.engine.checkpoint import load_checkpoint
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS

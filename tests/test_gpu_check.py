@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from peerdistill.engine.run import train
+from peerdistill.run import train
 
 from .conftest import tiny_cfg
 

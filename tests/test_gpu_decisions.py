@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peerdistill.engine import distributed as dist
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine import trainer as trainer_mod
 from peerdistill.engine.checkpoint import save_atomic
 from peerdistill.engine.precision import Precision, resolve_precision

@@ -29,7 +29,7 @@ from peerdistill import config as C
 from peerdistill.cli import main
 from peerdistill.data import DATASETS
 from peerdistill.data.mix import MIXERS
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.checkpoint import load_checkpoint
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import ADDONS, METHODS

@@ -15,7 +15,7 @@ from peerdistill.data import mix as mix_mod
 from peerdistill.data.mix import MIXERS
 from peerdistill.data.views import View
 from peerdistill.engine.checkpoint import load_checkpoint, save_atomic
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS, StepRecord

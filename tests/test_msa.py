@@ -13,7 +13,7 @@ from peerdistill.data import cutnmix as cnm
 from peerdistill.data.host import host_values
 from peerdistill.data.mix import MIXERS, MixRecord
 from peerdistill.data.views import View
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS, Method, PeerOutput, StepRecord

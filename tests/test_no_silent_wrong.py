@@ -21,7 +21,7 @@ from torch import nn
 from peerdistill import config as C
 from peerdistill.cli import main, parse
 from peerdistill.data import DATASETS
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.build import load_splits, validate_config
 from peerdistill.errors import PeerdistillError
 from peerdistill.methods import METHODS
@@ -325,7 +325,7 @@ def test_a_methods_default_cohort_is_what_its_presets_set():
 
 # ------------------------------------------------------------------ 14. output that reads right
 def test_ood_score_ticks_do_not_overlap(monkeypatch, tmp_path):
-    from peerdistill.report import robust_plots as RP
+    from peerdistill.evaluation import plots as RP
 
     rng = np.random.default_rng(0)
 

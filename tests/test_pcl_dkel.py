@@ -16,7 +16,7 @@ from torch import nn
 from peerdistill.cli import main
 from peerdistill.config import load
 from peerdistill.data.views import View
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.ema import EMA
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import METHODS, DataInfo, PeerOutput, StepRecord

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from peerdistill.cli import main
-from peerdistill.engine.run import train
+from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.models import build_model

@@ -16,7 +16,8 @@ from matplotlib.patches import StepPatch
 
 from peerdistill.cli import main
 from peerdistill.config import Config
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
+from peerdistill import notices
 from peerdistill.errors import PeerdistillError
 from peerdistill.report import logger as logger_mod
 from peerdistill.report.logger import RunLogger
@@ -288,7 +289,7 @@ def test_a_real_run_writes_metrics_csv_beside_the_jsonl(tmp_path):
 # ------------------------------------------------------------------------------------- TensorBoard, W&B
 def test_missing_tensorboard_is_said_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
-    monkeypatch.setattr(logger_mod, "_NOTED", set(), raising=False)
+    monkeypatch.setattr(notices, "_NOTED", set())
 
     RunLogger(tmp_path / "a", tensorboard=True)
     RunLogger(tmp_path / "b", tensorboard=True)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from peerdistill.cli import main
 from peerdistill.data import DATASETS
 from peerdistill.data import mnist as mnist_mod
-from peerdistill.engine import robust as R
-from peerdistill.engine import run as run_mod
-from peerdistill.engine.ood_sets import match_channels, ood_sets
+from peerdistill.evaluation import robust as R
+from peerdistill.metrics import robust_options as RO
+from peerdistill import run as run_mod
+from peerdistill.evaluation.ood_sets import match_channels, ood_sets
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 from peerdistill.metrics import corruptions as CR
@@ -187,10 +188,10 @@ def test_fpr95_conventions_on_a_hand_case():
     assert OOD.detection_metrics(s_in, s_out, fpr_rule="odin")["fpr95"] == pytest.approx(odin)  # 44 points
     assert math.isnan(OOD.fpr_odin(np.arange(7.0), s_out))  # no threshold gives a TPR of 95 % +- 0.05
     assert OOD.detection_metrics(np.arange(7.0), s_out, fpr_rule="odin")["fpr95"] is None  # JSON null
-    opt = R.options_from_mapping({"ood": True, "fpr_rule": "odin"})
+    opt = RO.options_from_mapping({"ood": True, "fpr_rule": "odin"})
     assert opt.fpr_rule == "odin" and R._settings(opt, "ood")["fpr_rule"] == "odin"
     with pytest.raises(PeerdistillError, match="robustness option 'fpr_rule' must be one of highest, odin, got 'lowest'"):
-        R.options_from_mapping({"ood": True, "fpr_rule": "lowest"}).check()
+        RO.options_from_mapping({"ood": True, "fpr_rule": "lowest"}).check()
 
 
 # ---------------------------------------------------------------------------------------- corruptions
@@ -319,13 +320,13 @@ def test_ood_eval_uses_the_held_out_images(runs):
     pytest.importorskip("sklearn")  # the metrics' extra
     held, _ = runs
     ev = R.Evaluated(held, "last.pt", threads=1)
-    meta = ev.trainer.data.splits.meta
+    meta = ev.run.data.splits.meta
     sets = ood_sets(["holdout"], "synthetic", ev.test, meta, limit=10_000, seed=0)
     assert list(sets) == ["holdout"] and np.array_equal(sets["holdout"], meta["holdout"].images)
     auto = ood_sets(["auto"], "synthetic", ev.test, meta, limit=5, seed=0)
     assert list(auto) == ["holdout", "gaussian", "uniform"] and all(v.shape == (5, 16, 16, 3) for v in auto.values())
     # ... and the evaluation scores exactly those images as the OOD side
-    res, raw = R.ood(ev, R.RobustOptions(ood=True, ood_data=["holdout"], ood_limit=10_000, scores=["msp"]), ["peer0"])
+    res, raw = R.ood(ev, RO.RobustOptions(ood=True, ood_data=["holdout"], ood_limit=10_000, scores=["msp"]), ["peer0"])
     assert res["holdout"]["images"] == len(meta["holdout"]) and len(raw["out"]["holdout"]["peer0"]["msp"]) == len(
         meta["holdout"])
 
@@ -387,12 +388,12 @@ def test_cli_reads_published_corruption_files(runs, tmp_path, capsys):
 
 
 def test_options_from_a_config_mapping():
-    opt = R.options_from_mapping({"adversarial": True, "eps": [0.01], "limit": 64})
+    opt = RO.options_from_mapping({"adversarial": True, "eps": [0.01], "limit": 64})
     assert opt.adversarial and opt.eps == [0.01] and (opt.adv_limit, opt.corruption_limit, opt.ood_limit) == (64,) * 3
     with pytest.raises(PeerdistillError, match="unknown robustness option 'advesarial' .*adversarial"):
-        R.options_from_mapping({"advesarial": True})
+        RO.options_from_mapping({"advesarial": True})
     with pytest.raises(PeerdistillError, match="nothing to evaluate"):
-        R.RobustOptions().check()
+        RO.RobustOptions().check()
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -484,7 +485,7 @@ def test_a_failed_evaluation_after_training_is_redone_by_resume(tmp_path, monkey
 def test_each_part_is_recorded_as_it_finishes(runs, monkeypatch):
     _, plain = runs
     monkeypatch.setattr(R, "corruptions", lambda *a: (_ for _ in ()).throw(PeerdistillError("late failure")))
-    opt = R.RobustOptions(adversarial=True, corruptions=True, attacks=["fgsm"], eps=[0.03], adv_limit=8, plots=False)
+    opt = RO.RobustOptions(adversarial=True, corruptions=True, attacks=["fgsm"], eps=[0.03], adv_limit=8, plots=False)
     with pytest.raises(PeerdistillError, match="late failure"):
         R.robust_evaluate(plain, opt, threads=1)
     assert "fgsm" in json.loads((plain / "eval.json").read_text())["latest"]["adversarial"]
@@ -496,11 +497,11 @@ def test_each_part_is_recorded_as_it_finishes(runs, monkeypatch):
                                                ({"adversarial": True, "eps": [2]}, "'eps' must be a list of float > 0")])
 def test_bad_config_robustness_values_are_one_line(mapping, expected):
     with pytest.raises(PeerdistillError, match=expected):
-        R.options_from_mapping(mapping).check()
+        RO.options_from_mapping(mapping).check()
 
 
 def test_rank_0_evaluates_alone_under_torchrun(runs, monkeypatch):
     _, plain = runs
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, the other rank gone: no process group
     ev = R.Evaluated(plain, "last.pt", threads=1)
-    assert ev.trainer.dist.world_size == 1 and os.environ["WORLD_SIZE"] == "2"
+    assert not torch.distributed.is_initialized() and os.environ["WORLD_SIZE"] == "2"

@@ -14,7 +14,7 @@ import torch
 
 from peerdistill.cli import main
 from peerdistill.config import load
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import sd_dropout as sdd_mod
 

@@ -14,7 +14,7 @@ from .config import Component, Config, DataConfig, OptimConfig
 from .config import load as load_config
 from .data import DATASETS
 from .data.mix import MIXERS, Mixer, MixRecord
-from .engine.run import evaluate, train
+from .run import evaluate, train
 from .engine.trainer import Trainer
 from .errors import PeerdistillError
 from .methods import METHODS, Method, Needs, PeerOutput, StepRecord

@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .engine.run import format_table, train
+    from .run import format_table, train
 
     if args.resume:
         if args.config:

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import config as C
 from .params import describe_type
-from .report.text import text_table
+from .text import text_table
 
 _ENTRY = re.compile(r"^    (\w+): (.*)$")
 

@@ -1,4 +1,7 @@
-"""Train / resume / evaluate a run directory: the functions behind the CLI and the Python API."""
+"""Train / resume / evaluate a run directory: the functions behind the CLI and the Python API.
+
+Above the engine (which trains) and the evaluation (which a config's ``robustness`` runs after training):
+this module owns the run directory, its summary, plots and pending evaluation."""
 from __future__ import annotations
 
 import json
@@ -11,17 +14,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import config as C
-from ..errors import PeerdistillError
-from ..report.configs import NEUTRAL_KEYS, canon, flat_config, under
-from ..report.logger import RunLogger, write_json
-from ..report.plots import plot_history, plot_reliability
-from ..report.text import plural, text_table
-from .bench import format_duration
-from .build import validate_config
-from .checkpoint import load_checkpoint, resolve_checkpoint
-from .distributed import teardown
-from .trainer import Trainer
+from . import config as C
+from .engine.build import validate_config
+from .engine.checkpoint import load_checkpoint, resolve_checkpoint
+from .engine.distributed import teardown
+from .engine.trainer import Trainer
+from .errors import PeerdistillError
+from .evaluation.robust import robust_evaluate
+from .fileio import write_json
+from .metrics.robust_options import options_from_mapping
+from .report.configs import NEUTRAL_KEYS, canon, flat_config, under
+from .report.logger import RunLogger
+from .report.plots import plot_history, plot_reliability
+from .text import format_duration, plural, text_table
 
 
 class ProgressBar:
@@ -252,8 +257,6 @@ def pending_robustness(out: Path, cfg: C.Config, trainer: Trainer | None = None)
     """Run the config's robustness evaluation into eval.json and clear the marker. A failure keeps the
     marker (and the parts already written), so ``--resume`` runs it again; the training results stay.
     ``trainer``: the run's own, reused for the evaluation instead of building another."""
-    from .robust import options_from_mapping, robust_evaluate
-
     try:
         robust_evaluate(out, options_from_mapping(cfg.robustness), "last.pt", cfg.threads or None, trainer=trainer)
     except PeerdistillError as e:

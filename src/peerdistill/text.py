@@ -1,4 +1,4 @@
-"""Text a user reads: counted nouns and plain-text tables whose columns fit their longest cell."""
+"""Text a user reads: counted nouns, durations and plain-text tables whose columns fit their longest cell."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,3 +25,12 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str,
         return (" " * gap).join(parts).rstrip()
 
     return [line(header), *(line(r) for r in rows)]
+
+
+def format_duration(seconds: float, fine: bool = False) -> str:
+    """``"12 h 06 min"``, ``"5 min"`` or ``"40 s"``; ``fine``: to the second below ten minutes
+    (``"8.4 s"``, ``"4 min 05 s"``), for durations a user compares run by run."""
+    if fine and seconds < 600:
+        return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds) // 60} min {int(seconds) % 60:02d} s"
+    m = int(round(seconds / 60))
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else (f"{m} min" if m else f"{seconds:.0f} s")

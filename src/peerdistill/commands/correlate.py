@@ -12,7 +12,7 @@ from ..errors import PeerdistillError
 
 def run(args: argparse.Namespace) -> None:
     from ..report.correlation import correlate, format_study, plot_correlation
-    from ..report.logger import write_json
+    from ..fileio import write_json
     from ..report.table import load_runs
 
     path = Path(args.tstddev)

@@ -11,16 +11,16 @@ from ..params import Option
 
 
 def _opt(name: str) -> Option:
-    """The argparse type of a :class:`~peerdistill.metrics.tstddev.TStdDevOptions` field: its annotation."""
-    from ..metrics.tstddev import TStdDevOptions
+    """The argparse type of a :class:`~peerdistill.evaluation.tstddev.TStdDevOptions` field: its annotation."""
+    from ..evaluation.tstddev import TStdDevOptions
 
     return Option(typing.get_type_hints(TStdDevOptions, include_extras=True)[name])
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..metrics.tstddev import TStdDevOptions, format_ranking, run_tstddev
-    from ..report.logger import write_json
-    from ..report.text import plural
+    from ..evaluation.tstddev import TStdDevOptions, format_ranking, run_tstddev
+    from ..fileio import write_json
+    from ..text import plural
 
     opts = TStdDevOptions(epochs=args.epochs, batch_size=args.batch_size, group_iters=args.group_iters,
                           temperature=args.temperature, seed=args.seed, precision=args.precision,

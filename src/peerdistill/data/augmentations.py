@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import PeerdistillError, nearest
 from ..params import NonNegativeInt, Positive
 from ..registry import Registry
-from .augment import cutout, random_crop, random_flip
+from .batch_augment import cutout, random_crop, random_flip
 from .host import host_values, to_device
 from .mix import MIXERS, CutMix, Mixer, MixRecord, MixUp
 from .pick import CutMixPick

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..errors import PeerdistillError
-from ..report.text import plural
+from ..text import format_duration, plural
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
@@ -188,12 +188,6 @@ def _eval_seconds(trainer: Trainer) -> float:
             trainer.evaluate(split)
     _sync(trainer.device)
     return time.perf_counter() - t0
-
-
-def format_duration(seconds: float) -> str:
-    """``"12 h 06 min"``, ``"5 min"`` or ``"40 s"``."""
-    m = int(round(seconds / 60))
-    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else (f"{m} min" if m else f"{seconds:.0f} s")
 
 
 def _essentials(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:

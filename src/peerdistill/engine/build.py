@@ -11,11 +11,12 @@ import torch
 
 from ..config import ENGINE_ARGS, Config, DataConfig, from_dict
 from ..data import DATASETS, DatasetSplits, ImageSet
-from ..data.augment import BatchAugment
+from ..data.batch_augment import BatchAugment
 from ..data.loader import DataBundle, stratified_subset, to_device
 from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
+from ..metrics.robust_options import options_from_mapping
 from ..models import MODELS
 from ..models.base import check_model_args
 from ..models.cohort import Cohort, build_cohort
@@ -130,8 +131,6 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     if cfg.mixer is not None:
         make_mixer(cfg)
     if cfg.robustness is not None:
-        from .robust import options_from_mapping
-
         options_from_mapping(cfg.robustness).check()
     if len(cfg.optim.betas) != 2:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")

@@ -12,11 +12,9 @@ releases every DDP wrapper and collects before destroying the group, while all p
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,21 +90,6 @@ def teardown() -> None:
     if tdist.is_available() and tdist.is_initialized():
         gc.collect()  # the trainer sits in reference cycles: free its DDP wrapper now
         tdist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def local_only() -> Iterator[None]:
-    """Build what is inside as a single process even under torchrun: rank 0's evaluation after training
-    (the other ranks have left the training; a DDP wrapper would wait for them forever)."""
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
 
 
 def setup(device: str, timeout_s: float = 3600) -> DistInfo:

@@ -22,11 +22,13 @@ from ..errors import PeerdistillError
 from ..methods.base import AddOn, Method, PeerOutput, PreTrainContext, StepRecord
 from ..metrics import HeadMetrics
 from ..models.cohort import Cohort
+from ..seeds import seed_stream
 from . import distributed as dist
 from . import rng
 from .build import build_run, data_meta, load_teacher, make_augment, make_mixer, seed_everything
 from .checkpoint import load_checkpoint, save_atomic, write_failure
 from .ema import EMA
+from .heads import evaluated_heads
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
 from .timer import PhaseTimer
@@ -226,7 +228,7 @@ class Trainer:
         """Run the method's before-training hook once per run (a resumed run has already done it)."""
         if self.prepared:
             return
-        seed = self.cfg.seed * 1_000_003 + 104_729  # a stream of its own: the epochs' draws are unchanged
+        seed = seed_stream(self.cfg.seed, 0, 104_729)  # a stream of its own: the epochs' draws are unchanged
         loader = DeviceLoader(self.data.train, self.train_loader.batch_size, True, seed, self.dist.rank,
                               self.dist.world_size, self.method.needs.sampler)
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -255,7 +257,7 @@ class Trainer:
         self.module.train()
         self.train_loader.set_epoch(self.epoch)
         # Same seed on every rank: augmentation draws are made for the global batch and sliced per rank.
-        self.gen.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 7919)
+        self.gen.manual_seed(seed_stream(self.cfg.seed, self.epoch))
         sums: dict[str, Tensor] = {}
         t0 = time.perf_counter()
         check_every = 1 if self.device.type == "cpu" else max(self.cfg.log_every, 1)
@@ -296,14 +298,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.eval()
         loader = DeviceLoader(data, self.cfg.data.eval_batch_size, False)
-        n = len(self.cohort)
+        ema = self.ema.module if self.ema is not None else None
         metrics: dict[str, HeadMetrics] = {}
         for batch in loader:
             x = self.augment.normalize(batch.images)
             with self.precision.autocast():
-                outs = self.cohort([x] * n, self.taps)
-                ema = self.ema.module([x] * n, self.taps) if self.ema is not None else None
-                heads = self.method.eval_heads(outs, ema)
+                heads = evaluated_heads(self.cohort, ema, self.method, x, self.taps)
             for name, logits in heads.items():
                 metrics.setdefault(name, HeadMetrics()).update(logits, batch.labels)
         result: dict[str, Any] = {name: m.compute() for name, m in metrics.items()}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from .plots import _save, plt
+from ..report.plots import save_figure, plt
 
 _ATTACK_STYLE = {"fgsm": {"ls": "--", "marker": "s", "mfc": "none"}, "pgd": {"ls": "-", "marker": "o"}}
 
@@ -37,7 +37,7 @@ def plot_accuracy_eps(adv: dict[str, Any], path: Path) -> Path:
            title="Accuracy under L∞ attacks", ylim=(0, 100))
     if heads:
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, ax, path)
+    return save_figure(fig, ax, path)
 
 
 def plot_ood_scores(raw: dict[str, Any], path: Path, head: str | None = None) -> Path:
@@ -64,4 +64,4 @@ def plot_ood_scores(raw: dict[str, Any], path: Path, head: str | None = None) ->
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
     fig.suptitle(f"OOD scores of head {head} (higher = in-distribution)", fontsize=9)
-    return _save(fig, axes[0][0], path)
+    return save_figure(fig, axes[0][0], path)

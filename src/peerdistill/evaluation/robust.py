@@ -11,169 +11,70 @@ from __future__ import annotations
 
 import json
 import time
-import typing
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .. import config as C
 from ..data import ImageSet
+from ..engine.checkpoint import resolve_checkpoint
+from ..engine.trainer import Trainer
 from ..errors import PeerdistillError, nearest
-from ..fileio import find_dataset_dir
-from ..params import Interval, NonNegativeInt, Positive, PositiveInt, check_value
+from ..fileio import find_dataset_dir, write_json
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
+from ..metrics.robust_options import RobustOptions
 from ..metrics.robustness import Attacked, fgsm, fgsm_normalised, pgd
-from ..report.logger import write_json
-from ..report.text import plural
-from .checkpoint import load_checkpoint, resolve_checkpoint
-from .distributed import local_only
+from ..seeds import seed_stream
+from ..text import plural
+from .load import LoadedRun, load_run
 from .ood_sets import ood_sets, subset
-from .trainer import Trainer
+from .plots import plot_accuracy_eps, plot_ood_scores
 
-ATTACKS = ("fgsm", "pgd")
 # The normalisation of the SD-Dropout authors' test loaders (yechanp/self_kd dataset.py), in which their ART
 # FGSM's eps = 0.2 is measured: CIFAR-10's statistics for both CIFAR sets, ImageNet's for their other
 # (RGB, 224 px) sets. A grey dataset has no counterpart and keeps the run's own normalisation.
 AUTHORS_NORMALISATION = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                          "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
-SCORES = ("msp", "odin", "energy")
 CIFAR_C = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
-
-
-Eps = Annotated[float, Interval(gt=0, le=1)]  # an L-inf budget: a fraction of the [0, 1] pixel range
-Severity = Annotated[int, Interval(ge=1, le=5)]
-
-
-@dataclass
-class RobustOptions:
-    """What to evaluate and how (the ``peerdistill eval`` options; defaults fit 3 minutes on 2 CPU cores
-    for a Fashion-MNIST ResNet-14). Each field's annotation is its valid range: the command line, the
-    config's ``robustness:`` section and :meth:`check` all read it."""
-
-    adversarial: bool = False
-    corruptions: bool = False
-    ood: bool = False
-    eps: list[Eps] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
-    attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=lambda: list(ATTACKS))
-    pgd_steps: PositiveInt = 10
-    pgd_step_size: Eps | None = None  # None: 2.5 * eps / steps (Madry et al.)
-    pgd_random_start: bool = True
-    fgsm_authors: bool = False  # also the SD-Dropout authors' ART setting
-    authors_eps: Positive = 0.2  # on normalised inputs, so it may exceed 1
-    adv_limit: PositiveInt = 500
-    families: list[str] = field(default_factory=lambda: list(CR.DEFAULT))
-    severities: list[Severity] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    corruption_limit: PositiveInt = 500
-    corruption_source: Literal["builtin", "imagecorruptions"] = "builtin"  # imagecorruptions: ImageNet-C definitions
-    corruptions_npy: str | None = None  # a folder of published <family>.npy + labels.npy
-    ood_data: list[str] = field(default_factory=lambda: ["auto"])
-    ood_root: str | None = None
-    ood_limit: PositiveInt = 1000
-    scores: list[Literal["msp", "odin", "energy"]] = field(default_factory=lambda: list(SCORES))
-    odin_temperature: Positive = OOD.ODIN_T
-    odin_eps: Annotated[float, Interval(ge=0, le=1)] = OOD.ODIN_EPS
-    odin_space: Literal["pixel", "normalised"] = "pixel"  # pixel: eps in [0, 1] units, as ODIN's code
-    energy_temperature: Positive = 1.0
-    fpr_rule: Literal["highest", "odin"] = "highest"  # FPR95's threshold rule: ours, or ODIN's calMetric
-    heads: list[str] | None = None
-    seed: NonNegativeInt = 0
-    batch_size: PositiveInt = 250
-    plots: bool = True
-
-    def check(self) -> None:
-        """One-line errors for values no run could use: each field against its annotation, then the
-        options together."""
-        hints = typing.get_type_hints(RobustOptions, include_extras=True)
-        for f in fields(self):
-            setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f"robustness option {f.name!r}"))
-        if not (self.adversarial or self.corruptions or self.ood):
-            raise PeerdistillError("nothing to evaluate: give --robustness, --adversarial, --corruptions or --ood")
-        if not self.eps or not self.severities:
-            raise PeerdistillError("the lists of eps and severities cannot be empty")
-        self.families = CR.resolve_families(self.families)
-
-
-def options_from_mapping(d: dict[str, Any]) -> RobustOptions:
-    """:class:`RobustOptions` from a mapping (a config section), e.g. ``{"adversarial": True, "limit": 500}``;
-    ``limit`` sets the three per-part limits. An unknown key is a one-line error naming the nearest."""
-    d = dict(d)
-    limit = d.pop("limit", None)
-    names = [f.name for f in fields(RobustOptions)]
-    hints = typing.get_type_hints(RobustOptions, include_extras=True)
-    for k, v in d.items():
-        if k not in names:
-            raise PeerdistillError(f"unknown robustness option {k!r}{nearest(k, [*names, 'limit'])}")
-        d[k] = check_value(v, hints[k], f"robustness option {k!r}")
-    opt = RobustOptions(**d)
-    if limit is not None:
-        opt.adv_limit = opt.corruption_limit = opt.ood_limit = check_value(limit, PositiveInt,
-                                                                           "robustness option 'limit'")
-    return opt
-
-
-def _members(values: list[str], allowed: tuple[str, ...], what: str) -> None:
-    for v in values:
-        if v not in allowed:
-            raise PeerdistillError(f"unknown {what} {v!r}{nearest(v, allowed)}; choose from {', '.join(allowed)}")
 
 
 # ------------------------------------------------------------------------------ the evaluated run
 class Evaluated:
-    """A loaded run: its heads as functions of [0, 1] images, its test set and its facts.
+    """A loaded run (:class:`~peerdistill.evaluation.load.LoadedRun`): its heads as functions of [0, 1]
+    images, its test set and its facts.
 
     ``trainer``: the run's live trainer (at the end of training), loaded with the checkpoint instead of
-    building a second one, whose copy of the data and networks would double the device memory.
+    building the networks again, whose copy of the data and networks would double the device memory.
     """
 
     def __init__(self, path: str | Path, which: str | None, threads: int | None = None,
                  trainer: Trainer | None = None) -> None:
         self.ckpt_path = resolve_checkpoint(path, which)
-        if trainer is None:
-            ckpt = load_checkpoint(self.ckpt_path, use_other=lambda other: f"--checkpoint {other.name}")
-            cfg = C.from_dict(ckpt["config"], stored=True)
-            cfg.tensorboard, cfg.wandb = False, False
-            if threads is not None:
-                cfg.threads = threads
-            with local_only():  # under torchrun only rank 0 evaluates
-                trainer = Trainer(cfg, None)
-        self.cfg, self.trainer = trainer.cfg, trainer
-        self.trainer.load(self.ckpt_path)
-        self.trainer.module.eval()
-        if self.trainer.ema is not None:
-            self.trainer.ema.module.eval()
-        aug = self.trainer.augment
-        dev = self.trainer.device
-        self.mean, self.std = aug.mean.to(dev).float(), aug.std.to(dev).float()
-        self.test: ImageSet = self.trainer.data.splits.test
+        self.run = (load_run(self.ckpt_path, None, threads) if trainer is None
+                    else LoadedRun.from_trainer(trainer, self.ckpt_path))
+        self.cfg = self.run.cfg
+        self.mean, self.std = self.run.mean, self.run.std
+        self.test: ImageSet = self.run.data.splits.test
 
     @property
     def run_dir(self) -> Path:
         p = self.ckpt_path.parent
         return p.parent if p.name == "checkpoints" else p
 
-    def normalise(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
     def heads_of(self, x: Tensor) -> dict[str, Tensor]:
         """Every head's (B, K) output for (B, C, H, W) images in [0, 1]."""
-        t = self.trainer
-        xn = self.normalise(x)
-        n = len(t.cohort)
-        outs = t.cohort([xn] * n, t.taps)
-        ema = t.ema.module([xn] * n, t.taps) if t.ema is not None else None
-        return t.method.eval_heads(outs, ema)
+        return self.run.heads(x)
 
     def head_fn(self, head: str) -> Attacked:
         return lambda x: self.heads_of(x)[head].float()
 
     def head_names(self, wanted: list[str] | None) -> list[str]:
-        x = torch.zeros((1, *self.tensor(self.test.images[:1]).shape[1:]), device=self.trainer.device)
+        x = torch.zeros((1, *self.tensor(self.test.images[:1]).shape[1:]), device=self.run.device)
         with torch.no_grad():
             names = list(self.heads_of(x))
         for h in wanted or []:
@@ -183,7 +84,7 @@ class Evaluated:
 
     def tensor(self, images: np.ndarray) -> Tensor:
         """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1] on the run's device."""
-        return torch.from_numpy(np.ascontiguousarray(images)).to(self.trainer.device).permute(0, 3, 1, 2).float() / 255
+        return torch.from_numpy(np.ascontiguousarray(images)).to(self.run.device).permute(0, 3, 1, 2).float() / 255
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -195,7 +96,7 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 def accuracy(ev: Evaluated, images: np.ndarray, labels: np.ndarray, heads: list[str], bs: int) -> dict[str, float]:
     """Top-1 (%) of every head on uint8 images."""
     hits = dict.fromkeys(heads, 0)
-    y = torch.from_numpy(labels).to(ev.trainer.device)
+    y = torch.from_numpy(labels).to(ev.run.device)
     for s in _batches(len(labels), bs):
         out = ev.heads_of(ev.tensor(images[s]))
         for h in heads:
@@ -207,7 +108,7 @@ def accuracy(ev: Evaluated, images: np.ndarray, labels: np.ndarray, heads: list[
 def adversarial(ev: Evaluated, opt: RobustOptions, heads: list[str]) -> dict[str, Any]:
     """Accuracy (%) per attack, per head, per eps on a fixed test subset."""
     idx = subset(len(ev.test), opt.adv_limit, opt.seed)
-    x_all, y_all = ev.tensor(ev.test.images[idx]), torch.from_numpy(ev.test.labels[idx]).to(ev.trainer.device)
+    x_all, y_all = ev.tensor(ev.test.images[idx]), torch.from_numpy(ev.test.labels[idx]).to(ev.run.device)
     res: dict[str, Any] = {"clean": accuracy(ev, ev.test.images[idx], ev.test.labels[idx], heads, opt.batch_size)}
     for attack in opt.attacks:
         res[attack] = {h: {_eps_key(e): _attacked_acc(ev, h, attack, e, x_all, y_all, opt, k)
@@ -225,7 +126,7 @@ def _eps_key(eps: float) -> str:
 def _attacked_acc(ev: Evaluated, head: str, attack: str, eps: float, x: Tensor, y: Tensor,
                   opt: RobustOptions, k: int) -> float:
     f = ev.head_fn(head)
-    gen = torch.Generator().manual_seed(opt.seed * 1_000_003 + k)
+    gen = torch.Generator().manual_seed(seed_stream(opt.seed, 0, k))
     hits = 0
     for s in _batches(len(y), opt.batch_size):
         if attack == "fgsm":
@@ -329,7 +230,7 @@ def _ood_sets(ev: Evaluated, opt: RobustOptions) -> dict[str, Any]:
     from ..metrics.ood import sklearn_metrics
 
     sklearn_metrics()  # the metrics' library, checked before any scoring
-    return ood_sets(opt.ood_data, ev.cfg.data.name, ev.test, ev.trainer.data.splits.meta, opt.ood_limit, opt.seed,
+    return ood_sets(opt.ood_data, ev.cfg.data.name, ev.test, ev.run.data.splits.meta, opt.ood_limit, opt.seed,
                     opt.ood_root)
 
 
@@ -413,7 +314,7 @@ def robust_evaluate(path: str | Path, options: RobustOptions, checkpoint: str | 
     options.check()
     ev = Evaluated(path, checkpoint, threads, trainer)
     heads = ev.head_names(options.heads)
-    out: dict[str, Any] = {"checkpoint": str(ev.ckpt_path), "epoch": ev.trainer.epoch,
+    out: dict[str, Any] = {"checkpoint": str(ev.ckpt_path), "epoch": ev.run.epoch,
                            "run_dir": str(ev.run_dir), "heads": heads}
     raw_ood = None
     sets = _ood_sets(ev, options) if options.ood else {}  # first: a bad OOD set costs no other part
@@ -458,8 +359,6 @@ def record(ev: Evaluated, out: dict[str, Any]) -> Path:
 
 
 def _plots(run_dir: Path, out: dict[str, Any], raw_ood: dict[str, Any] | None) -> None:
-    from ..report.robust_plots import plot_accuracy_eps, plot_ood_scores
-
     if "adversarial" in out:
         plot_accuracy_eps(out["adversarial"]["results"], run_dir / "robust_accuracy_eps.png")
     if raw_ood is not None:

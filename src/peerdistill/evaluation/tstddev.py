@@ -1,13 +1,6 @@
-"""T. stddev (Good-DA-in-KD, Wang et al., NeurIPS 2022; spec §5.4): the stddev of the teacher's
-mean probability, a teacher-only proxy for how good an augmentation is for KD (lower is better).
-
-Exactly as the authors' ``check_ce_var`` loop [CODE helper/loops.py]: every iteration appends the
-teacher's softmax at T = 1 on the original batch and on its augmented copy (batch 64 each); every
-5 iterations the buffered 640 probabilities are averaged into one group mean p̄^(n) in R^C; then
-
-    T. stddev = (1/C) sum_c std_n(p̄_c^(n))     (unbiased std over the N group means)
-
-over 10 epochs of the training set (about 1 560 groups on CIFAR). The mean teacher entropy over every
+"""The T. stddev driver (Good-DA-in-KD; the statistic is :mod:`peerdistill.metrics.tstddev`): runs a
+saved teacher over the training set with every augmentation compared, as the authors' ``check_ce_var``
+loop does, over 10 epochs of the training set (about 1 560 groups on CIFAR). The mean teacher entropy over every
 sample seen (both halves) is reported too. The driver runs the teacher only (eval mode, no gradient,
 the run's autocast precision) on the device-resident data, and shares each iteration's original half
 and its teacher forward across all the augmentations compared (common random numbers: the ranking
@@ -32,45 +25,14 @@ from ..data.augmentations import (PAPER_AUGS, Augmentation, aug_label, augmentat
                                   parse_aug_spec)
 from ..data.loader import DeviceLoader, to_device
 from ..data.views import ViewContext
+from ..engine.build import crop_padding, load_splits, load_teacher, make_augment
+from ..engine.checkpoint import load_checkpoint
+from ..engine.precision import resolve_channels_last, resolve_device, resolve_precision
 from ..errors import PeerdistillError
+from ..metrics.tstddev import GroupMeans
 from ..params import NonNegativeInt, Positive, PositiveInt, check_value
-from ..report.text import plural, text_table
-
-
-def t_stddev(prob_groups: Tensor) -> float:
-    """T. stddev of (N, C) group-mean probabilities: the mean over classes of the unbiased std over groups."""
-    if prob_groups.dim() != 2 or prob_groups.shape[0] < 2:
-        raise PeerdistillError(f"T. stddev needs at least 2 groups of probabilities, got shape "
-                               f"{tuple(prob_groups.shape)}"
-                               f" (train on more batches: more epochs or a smaller group)")
-    return float(prob_groups.double().std(0, unbiased=True).mean())
-
-
-class GroupMeans:
-    """Accumulates an augmentation's teacher probabilities into group means of ``group_iters`` iterations."""
-
-    def __init__(self, group_iters: int) -> None:
-        self.group_iters = group_iters
-        self.means: list[Tensor] = []
-        self._sum: Tensor | None = None  # (C,) float64 sum of the open group's probabilities
-        self._rows, self._iters = 0, 0
-        self.entropy_sum: Tensor | None = None
-        self.samples = 0
-
-    def add(self, *probs: Tensor) -> None:
-        """One iteration's probabilities: each (B_i, C) (the original half, then the augmented half)."""
-        p = torch.cat(probs).double()
-        s, ent = p.sum(0), -(p * p.clamp_min(1e-30).log()).sum()
-        self._sum = s if self._sum is None else self._sum + s
-        self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
-        self._rows, self.samples, self._iters = self._rows + p.shape[0], self.samples + p.shape[0], self._iters + 1
-        if self._iters == self.group_iters:
-            self.means.append(self._sum / self._rows)
-            self._sum, self._rows, self._iters = None, 0, 0
-
-    def result(self) -> dict[str, float]:
-        return {"t_stddev": t_stddev(torch.stack(self.means)), "entropy": float(self.entropy_sum) / self.samples,
-                "groups": len(self.means)}
+from ..seeds import seed_stream
+from ..text import plural, text_table
 
 
 @dataclass
@@ -122,10 +84,6 @@ class _Entry:
 def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> dict[str, Any]:
     """T. stddev of every augmentation spec (``name`` or ``name:key=value,...``; ``none`` for the original
     batch alone) for one teacher; ``augs`` empty or ``None``: the paper's list. Returns the JSON record."""
-    from ..engine.build import crop_padding, load_splits, load_teacher, make_augment
-    from ..engine.checkpoint import load_checkpoint
-    from ..engine.precision import resolve_channels_last, resolve_device, resolve_precision
-
     _check_options(opts)
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
@@ -167,9 +125,9 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     with torch.inference_mode():
         for epoch in range(opts.epochs):
             loader.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch * 7919)  # the original views
+            gen = torch.Generator().manual_seed(seed_stream(opts.seed, epoch))  # training's draws of that epoch
             for e in entries:
-                e.gen.manual_seed(opts.seed * 1_000_003 + epoch * 7919 + zlib.crc32(e.label.encode()))
+                e.gen.manual_seed(seed_stream(opts.seed, epoch, zlib.crc32(e.label.encode())))
             for batch in loader:
                 x = augment(batch.images, gen)  # (B, C, H, W) the standard crop + flip view
                 _iteration(x, entries, teacher_fn, opts.temperature)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..data.samplers import MPerClassSampler, Sampler
 from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
+from ..seeds import seed_stream
 from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks
 from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
 from .functional import kd_kl, mean_logits
@@ -114,7 +115,7 @@ class MCL(Method):
         """(B, 2 + neg_k) bank indices: own, one same-class other index, ``neg_k`` different-class ones
         (with replacement), from a generator seeded by (run seed, step, rank), so resume is exact."""
         rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-        g = torch.Generator(device=index.device).manual_seed((self.seed * 1_000_003 + step * 7919 + rank) % 2**63)
+        g = torch.Generator(device=index.device).manual_seed(seed_stream(self.seed, step, rank) % 2**63)
         y = self.cls_labels[index]
         start, cnt, n = self.cls_start[y], self.cls_count[y], self.cls_labels.numel()
         u = torch.rand(len(index), 1 + self.neg_k, generator=g, device=index.device)

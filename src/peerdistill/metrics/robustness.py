@@ -3,7 +3,7 @@
 An attack gets the *attacked function* ``f: x -> (B, K)`` scores (logits or log-probabilities: the
 cross-entropy of log-probabilities is the same as of logits) and images ``x`` in the space the budget
 ``eps`` is measured in. peerdistill attacks uint8 -> [0, 1] images and normalises inside ``f``, so
-``eps = 8/255`` means eight grey levels (:mod:`peerdistill.engine.robust`); the SD-Dropout authors'
+``eps = 8/255`` means eight grey levels (:mod:`peerdistill.evaluation.robust`); the SD-Dropout authors'
 setting attacks normalised tensors instead (:func:`fgsm_normalised`, see the docs).
 Every attack runs in float32 and leaves the parameters' gradients untouched.
 """

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PeerdistillError
-from ..report.logger import note_once
+from ..notices import note_once
 from .base import MODELS
 
 KeyMap = Callable[[str], "str | None"]

@@ -22,7 +22,7 @@ from ..data.augmentations import aug_label  # noqa: E402
 from ..errors import PeerdistillError  # noqa: E402
 from .configs import NEUTRAL_KEYS, flat_config, under  # noqa: E402
 from .table import RunSet  # noqa: E402
-from .text import text_table  # noqa: E402
+from ..text import text_table  # noqa: E402
 
 STATS_EXTRA = "pip install 'peerdistill[stats]'"
 # Keys that may differ between the runs of one study: the axis itself, seeds, and what cannot change numbers.

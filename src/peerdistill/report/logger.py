@@ -13,16 +13,7 @@ from typing import Any
 
 from ..errors import PeerdistillError
 from ..fileio import atomic_write
-
-_NOTED: set[str] = set()
-
-
-def note_once(message: str) -> None:
-    """Print ``note: <message>`` on stderr the first time this process sees ``message``."""
-    if message not in _NOTED:
-        _NOTED.add(message)
-        print(f"note: {message}", file=sys.stderr)
-
+from ..notices import note_once
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, int | float]:
     """Flatten nested dicts of numbers into ``{"a/b/c": value}``.
@@ -196,7 +187,3 @@ def _wandb_id(out_dir: Path) -> str:
     atomic_write(id_file, lambda f: f.write(f"{run_id}\n".encode()))  # makes out_dir if needed
     return run_id
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

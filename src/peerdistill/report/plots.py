@@ -81,7 +81,7 @@ def _plot_accuracy(history: list[dict[str, Any]], path: Path) -> Path:
         ax.legend([Line2D([], [], color="black", **_SPLITS[s]) for s in shown], shown, loc="upper left",
                   fontsize=7, handlelength=3)  # long handles so the dashes show
     epoch_axis(ax, xs_all)
-    return _save(fig, ax, path)
+    return save_figure(fig, ax, path)
 
 
 def _with_total(loss: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def _plot_losses(records: list[dict[str, Any]], path: Path, per_step: bool) -> P
     if xs_all:
         ax.legend(fontsize=7, ncol=2)
     epoch_axis(ax, xs_all)
-    return _save(fig, ax, path)
+    return save_figure(fig, ax, path)
 
 
 def epoch_axis(ax: plt.Axes, epochs: list[float]) -> None:
@@ -121,7 +121,7 @@ def epoch_axis(ax: plt.Axes, epochs: list[float]) -> None:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
 
 
-def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
+def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -152,4 +152,4 @@ def plot_reliability(bins: dict[str, dict[str, list[float]]], out_dir: Path) -> 
     counts_ax.set(ylabel="samples per bin", ylim=(0, 3 * top or 1))  # histogram kept to the lower third
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (test)", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, ax, out_dir / "reliability.png")
+    return save_figure(fig, ax, out_dir / "reliability.png")

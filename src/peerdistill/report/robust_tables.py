@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .text import plural, text_table
+from ..text import plural, text_table
 
 
 def _num(v: Any, digits: int = 2) -> str:

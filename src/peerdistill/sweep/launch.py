@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PeerdistillError
-from ..report.logger import write_json
-from ..report.text import plural
+from ..fileio import write_json
+from ..text import plural
 
 RECORD = "sweep-run.json"  # per run: one entry per attempt (start, wall time, exit status, where)
 LOG = "train.log"

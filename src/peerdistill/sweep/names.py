@@ -1,13 +1,9 @@
-"""Run names: derived from a row's choices and the seed, filesystem-safe, short, independent of dict order."""
+"""The text of values in run names and tables: filesystem-safe, short, independent of dict order (a study's
+row and run names are built from them in :mod:`peerdistill.sweep.study`)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .study import Choice, Row
+from typing import Any
 
 MAX_NAME = 80  # longer names are cut and made unique with a hash: paths stay short on every filesystem
 
@@ -40,19 +36,3 @@ def token(v: Any) -> str:
 def safe(name: str) -> str:
     """Letters, digits and ``. _ + -`` only (safe in paths, shells and Slurm job names)."""
     return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._+-]", "-", name)).strip(".-") or "row"
-
-
-def row_id(choices: tuple[Choice, ...]) -> str:
-    """Named rows first, then config values, each sorted by axis name: the study file's order never matters."""
-    ordered = sorted(choices, key=lambda c: (not c.named, c.axis))
-    return "_".join(c.token for c in ordered)
-
-
-def run_name(row: Row, seed: int) -> str:
-    """``<row id>_s<seed>``, cut to :data:`MAX_NAME` characters with a hash of the overrides if longer."""
-    name = f"{safe(row.id)}_s{seed}"
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha1(json.dumps([sorted((c.axis, c.token) for c in row.choices), seed], default=str)
-                          .encode()).hexdigest()[:8]
-    return f"{name[:MAX_NAME - 10 - len(str(seed))]}-{digest}_s{seed}"

@@ -22,12 +22,11 @@ from typing import Any, TextIO
 import yaml
 
 from .. import config as C
-from ..engine.bench import format_duration as _long_duration
-from ..engine.run import ROBUST_PENDING
 from ..errors import PeerdistillError
-from ..report.logger import write_json
+from ..fileio import write_json
 from ..report.study import StudyRow, head_value, write_report
-from ..report.text import plural
+from ..run import ROBUST_PENDING
+from ..text import format_duration, plural
 from .launch import CONFIG, Job, LocalLauncher, Outcome, Plan, is_busy, run_env, train_command
 from .launch import attempts as read_attempts
 from .slurm import SubmititLauncher
@@ -130,7 +129,7 @@ class Progress:
             return "ETA –"
         mean = statistics.mean(self.durations)
         work = left * mean + sum(max(mean - e, 0.0) for e in elapsed)
-        return f"ETA {format_duration(work / max(min(self.capacity, left + len(elapsed)), 1))}"
+        return f"ETA {format_duration(work / max(min(self.capacity, left + len(elapsed)), 1), fine=True)}"
 
     def status(self, left: int, elapsed: list[float]) -> None:
         self.say(f"status: {self.finished}/{self.total} finished · {len(elapsed)} running · {left} left"
@@ -254,13 +253,6 @@ class _Session:
         return finished == len(study.runs)
 
 
-def format_duration(seconds: float) -> str:
-    """``"8.4 s"``, ``"4 min 05 s"``; from 10 minutes on, ``"12 min"`` or ``"2 h 05 min"``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds) // 60} min {int(seconds) % 60:02d} s" if seconds < 600 else _long_duration(seconds)
-
-
 def make_launcher(kind: str, plan: Plan, slurm: dict[str, Any], out: Path) -> LocalLauncher | SubmititLauncher:
     if kind in ("local", "torchrun"):
         return LocalLauncher(plan)
@@ -278,13 +270,13 @@ def _ended(study: Study, prog: Progress, name: str, outcome: Outcome, session: d
     if outcome.returncode == 0 and run_state(d) == "finished":
         prog.finished += 1
         prog.durations.append(outcome.wall_s)
-        prog.say(f"done    {name} in {format_duration(outcome.wall_s)}{_headline(study, d)} "
+        prog.say(f"done    {name} in {format_duration(outcome.wall_s, fine=True)}{_headline(study, d)} "
                  f"({prog.finished}/{prog.total})")
     else:
         prog.failed.append(name)
         session["failed"] += 1
         tail = "\n".join(f"    | {line}" for line in outcome.tail.splitlines())
-        prog.say(f"FAILED  {name} (exit {outcome.returncode}) after {format_duration(outcome.wall_s)}; "
+        prog.say(f"FAILED  {name} (exit {outcome.returncode}) after {format_duration(outcome.wall_s, fine=True)}; "
                  f"last lines of {d / 'train.log'}:\n{tail}")
     _write_json(study, session)
 
@@ -325,8 +317,8 @@ def _write_json(study: Study, session: dict[str, Any] | None = None) -> str:
     run_total = sum(r["wall_s"] or 0.0 for r in runs)
     write_json(path, {"study": study.name, "file": str(study.path), "out": str(study.out), "runs": runs,
                       "sessions": sessions, "total_wall_s": total, "runs_wall_s": run_total})
-    return (f"Wall time: {format_duration(total)} for the study ({len(sessions)} session"
-            f"{'s' * (len(sessions) != 1)}), {format_duration(run_total)} summed over runs (per run: study.json).")
+    return (f"Wall time: {format_duration(total, fine=True)} for the study ({len(sessions)} session"
+            f"{'s' * (len(sessions) != 1)}), {format_duration(run_total, fine=True)} summed over runs (per run: study.json).")
 
 
 def report_only(study: Study, stream: TextIO | None = None, plots: bool = True) -> str:

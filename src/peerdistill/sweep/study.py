@@ -21,6 +21,7 @@ name → mapping) is itself a named-rows axis, so ``rows:`` is the axis called `
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field, fields
@@ -30,7 +31,7 @@ from typing import Any
 from .. import config as C
 from ..errors import PeerdistillError, nearest
 from ..report.configs import NEUTRAL_KEYS, canon, flat_config, resolve, under
-from .names import row_id, run_name, safe, token, value_text
+from .names import MAX_NAME, safe, token, value_text
 
 TOP_KEYS = ("name", "description", "base", "config", "grid", "rows", "seeds", "baseline", "heads", "metrics",
             "which", "columns", "out", "launcher", "slots", "threads", "nproc_per_node", "slurm")
@@ -376,3 +377,19 @@ def _baseline(value: Any, study: Study) -> dict[str, str] | None:
             raise PeerdistillError(f"{study.path}: baseline {axis}={want!r} is not one of the grid's values")
         out[str(axis)] = hit.token
     return out
+
+
+def row_id(choices: tuple[Choice, ...]) -> str:
+    """Named rows first, then config values, each sorted by axis name: the study file's order never matters."""
+    ordered = sorted(choices, key=lambda c: (not c.named, c.axis))
+    return "_".join(c.token for c in ordered)
+
+
+def run_name(row: Row, seed: int) -> str:
+    """``<row id>_s<seed>``, cut to :data:`MAX_NAME` characters with a hash of the overrides if longer."""
+    name = f"{safe(row.id)}_s{seed}"
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha1(json.dumps([sorted((c.axis, c.token) for c in row.choices), seed], default=str)
+                          .encode()).hexdigest()[:8]
+    return f"{name[:MAX_NAME - 10 - len(str(seed))]}-{digest}_s{seed}"
