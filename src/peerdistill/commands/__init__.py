@@ -1,4 +1,4 @@
-"""Sub-commands beyond ``train | list | bench | table``, one module each (``eval``, ...).
+"""The sub-commands of ``peerdistill``, one module each (``train``, ``list``, ``eval``, ...).
 
 A module here defines ``add_parser(sub)``: it adds its sub-parser to ``sub`` (the ``argparse`` sub-parsers
 of ``peerdistill``) and sets ``fn`` to the handler, which raises :class:`~peerdistill.errors.PeerdistillError`
@@ -11,7 +11,12 @@ import importlib
 import pkgutil
 
 
+FIRST = ("train", "list", "bench", "table")  # the everyday commands lead ``peerdistill --help``
+
+
 def add_all(sub: argparse._SubParsersAction) -> None:
-    """Add every command module's sub-parser, in name order."""
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{info.name}").add_parser(sub)
+    """Add every command module's sub-parser: :data:`FIRST`, then the others in name order."""
+    names = sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda n: (n not in FIRST,
+                                                                                  FIRST.index(n) if n in FIRST else 0, n))
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
