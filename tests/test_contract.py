@@ -47,7 +47,7 @@ class _Probe(Method):
     def before_training(self, ctx):
         if not self.pretrain_steps:
             return
-        opt = ctx.optimizer(ctx.ema.parameters(), ctx.base_lr / 100)
+        opt = ctx.sgd_optimizer(ctx.ema.parameters(), ctx.base_lr / 100)
         ctx.ema.requires_grad_(True)
         for i, views in enumerate(ctx.batches()):
             outs = ctx.ema([v.x for v in views.peers], ctx.taps)
@@ -79,7 +79,7 @@ class _DoubleCE(AddOn):
 
     def losses(self, rec, method):
         return {f"again{i}": self.weight * rec.ce(fh.head(fh.feature), i)
-                for i, fh in enumerate(method.dropout_features(rec))}
+                for i, fh in enumerate(method.feature_heads(rec))}
 
 
 @pytest.fixture(autouse=True, scope="module")

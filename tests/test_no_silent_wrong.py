@@ -158,12 +158,12 @@ def test_without_a_validation_split_no_epoch_is_stored_as_val_top1(tmp_path):
 
 # ------------------------------------------------------------------ 6. train_subset is exactly N
 def test_train_subset_is_exactly_the_pool_before_the_validation_split(capsys, tmp_path):
-    from peerdistill.data.loader import to_device
+    from peerdistill.data.loader import split_to_device
 
     cfg = tiny_cfg("data.train_subset=25")  # 96 images, 4 classes of 24
     splits = load_splits(cfg)
     assert len(splits.train) == 25 and sorted(np.bincount(splits.train.labels)) == [6, 6, 6, 7]
-    data = to_device(splits, cfg.data.val_split, cfg.seed, "cpu")
+    data = split_to_device(splits, cfg.data.val_split, cfg.seed, "cpu")
     assert (len(data.train), len(data.val)) == (22, 3)  # round(0.1 x 25) = 3 held out
     assert len(load_splits(tiny_cfg("data.train_subset=5")).train) == 5
     err = one_line_error(capsys, "train", "--out", str(tmp_path / "a"), *TINY, "data.train_subset=3")

@@ -19,7 +19,6 @@ from peerdistill.config import Config
 from peerdistill import run as run_mod
 from peerdistill import notices
 from peerdistill.errors import PeerdistillError
-from peerdistill.report import logger as logger_mod
 from peerdistill.report.logger import RunLogger
 from peerdistill.report.plots import plot_history, plot_reliability
 from peerdistill.report.table import load_runs, markdown_table

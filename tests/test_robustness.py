@@ -503,5 +503,5 @@ def test_bad_config_robustness_values_are_one_line(mapping, expected):
 def test_rank_0_evaluates_alone_under_torchrun(runs, monkeypatch):
     _, plain = runs
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, the other rank gone: no process group
-    ev = R.Evaluated(plain, "last.pt", threads=1)
+    R.Evaluated(plain, "last.pt", threads=1)
     assert not torch.distributed.is_initialized() and os.environ["WORLD_SIZE"] == "2"

@@ -149,7 +149,7 @@ class DataBundle:
     splits: DatasetSplits
 
 
-def to_device(splits: DatasetSplits, val_split: float, seed: int, device: torch.device | str) -> DataBundle:
+def split_to_device(splits: DatasetSplits, val_split: float, seed: int, device: torch.device | str) -> DataBundle:
     """Carve a stratified, seeded validation split from the training set and move all to ``device``."""
     tr_idx, val_idx = stratified_split(splits.train.labels, val_split, seed)
     missing = np.setdiff1d(np.unique(splits.train.labels), splits.train.labels[tr_idx])

@@ -12,7 +12,7 @@ import torch
 from ..config import ENGINE_ARGS, Config, DataConfig, from_dict
 from ..data import DATASETS, DatasetSplits, ImageSet
 from ..data.batch_augment import BatchAugment
-from ..data.loader import DataBundle, stratified_subset, to_device
+from ..data.loader import DataBundle, split_to_device, stratified_subset
 from ..data.mix import MIXERS, Mixer
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
@@ -165,7 +165,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     """Build data, method and cohort, and check that they fit together."""
     method, addons = validate_config(cfg)
     splits = load_splits(cfg)
-    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+    data = split_to_device(splits, cfg.data.val_split, cfg.seed, device)
     needs = method.needs
     n = cohort_size(cfg, needs)
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]

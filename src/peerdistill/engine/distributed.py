@@ -22,6 +22,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from ..collectives import all_reduce_mean
 from .precision import resolve_device
 
 
@@ -78,9 +79,7 @@ class DistInfo:
         """Average scalar tensors over the processes (one all-reduce; identity in one process)."""
         if self.world_size == 1 or not values:
             return values
-        flat = torch.stack([v.float() for v in values.values()])
-        tdist.all_reduce(flat)
-        return dict(zip(values, flat / self.world_size))
+        return dict(zip(values, all_reduce_mean(torch.stack([v.float() for v in values.values()]))))
 
 
 def teardown() -> None:

@@ -200,10 +200,12 @@ class Trainer:
 
             def record(outputs: list[PeerOutput], extra: dict[str, list[PeerOutput | None]]) -> StepRecord:
                 t_peers, t_extra = teacher if teacher is not None else (None, {})
-                return StepRecord(views.peers, outputs, self.cohort.heads, self.num_classes, extra, ema_out,
-                                  t_peers, t_extra, {k: e.views for k, e in views.extra.items()}, self.epoch,
-                                  self.step, self.steps_per_epoch, cfg.epochs, self.optimizer.param_groups[0]["lr"],
-                                  cfg.optim.weight_decay)
+                return StepRecord(views=views.peers, outputs=outputs, heads=self.cohort.heads,
+                                  num_classes=self.num_classes, extra=extra, ema=ema_out, teacher=t_peers,
+                                  teacher_extra=t_extra, extra_views={k: e.views for k, e in views.extra.items()},
+                                  epoch=self.epoch, step=self.step, steps_per_epoch=self.steps_per_epoch,
+                                  total_epochs=cfg.epochs, lr=self.optimizer.param_groups[0]["lr"],
+                                  weight_decay=cfg.optim.weight_decay)
 
             return step_fn(views, self.taps, record)
 
@@ -238,11 +240,11 @@ class Trainer:
             for batch in loader:
                 yield self.method.make_views(batch, self.view_context(gen))
 
-        def optimizer(params: Any, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+        def sgd_optimizer(params: Any, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=self.cfg.optim.weight_decay)
 
         ema = self.ema.module if self.ema is not None else None
-        self.method.before_training(PreTrainContext(self.cohort, ema, batches, optimizer, self.cfg.optim.lr,
+        self.method.before_training(PreTrainContext(self.cohort, ema, batches, sgd_optimizer, self.cfg.optim.lr,
                                                     self.precision.autocast, self.taps, self._new_scaler))
         self.dist.broadcast(self.module)  # every rank starts from rank 0's result
         if ema is not None:

@@ -62,12 +62,12 @@ class LoadedRun:
             self.ema.eval()
         return self
 
-    def normalise(self, x: Tensor) -> Tensor:
+    def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
     def heads(self, x: Tensor) -> dict[str, Tensor]:
         """Every evaluated head's (B, K) output for (B, C, H, W) images in [0, 1]."""
-        return evaluated_heads(self.cohort, self.ema, self.method, self.normalise(x), self.taps)
+        return evaluated_heads(self.cohort, self.ema, self.method, self.normalize(x), self.taps)
 
 
 def load_run(path: str | Path, which: str | None = None, threads: int | None = None) -> LoadedRun:

@@ -2,7 +2,7 @@
 accuracy (FGSM, PGD), corruption accuracy (CIFAR-C families), OOD detection (MSP, ODIN, energy).
 
 Every evaluated head of the run's method is scored (``method.eval_heads``), in float32 with BN in
-eval mode. The attacked / scored function of a head is ``x -> eval_heads(cohort(normalise(x)))[head]``
+eval mode. The attacked / scored function of a head is ``x -> eval_heads(cohort(normalize(x)))[head]``
 on [0, 1] images, so budgets are in pixel units. Results go to ``<run>/eval.json`` under the
 checkpoint and a key naming the settings, next to the plots ``robust_accuracy_eps.png`` and
 ``ood_scores.png``; ``summary.json`` is never touched. :func:`robust_evaluate` is the entry point.

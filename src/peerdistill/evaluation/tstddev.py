@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import config as C
 from ..data.augmentations import (PAPER_AUGS, Augmentation, aug_label, augmentation_params, build_augmentation,
                                   parse_aug_spec)
-from ..data.loader import DeviceLoader, to_device
+from ..data.loader import DeviceLoader, split_to_device
 from ..data.views import ViewContext
 from ..engine.build import crop_padding, load_splits, load_teacher, make_augment
 from ..engine.checkpoint import load_checkpoint
@@ -92,7 +92,7 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision or cfg.precision, device)
     splits = load_splits(cfg)
-    data = to_device(splits, cfg.data.val_split, cfg.seed, device)
+    data = split_to_device(splits, cfg.data.val_split, cfg.seed, device)
     k, c = splits.num_classes, splits.train.images.shape[-1]
     channels_last = resolve_channels_last(None, device, precision)  # inference: the automatic choice
     fmt = torch.channels_last if channels_last else torch.contiguous_format

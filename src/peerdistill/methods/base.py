@@ -11,7 +11,7 @@ declares :class:`Needs` and implements a few hooks, all optional but ``losses``:
 * ``update(rec)``: state changes after the optimizer step (memory banks, stored predictions);
 * ``eval_heads(outputs, ema)`` -> the logits of every evaluated head;
 * ``param_groups()``: parameters that need their own weight decay or their own optimizer;
-* ``dropout_features(rec)``: the features an add-on such as SD-Dropout acts on.
+* ``feature_heads(rec)``: the features an add-on such as SD-Dropout acts on.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..collectives import all_gather_cat
 from ..data.loader import Batch
 from ..data.samplers import Sampler
 from ..data.views import Extra, View, ViewContext, Views
@@ -146,11 +146,6 @@ class StepRecord:
         """Training progress in [0, 1]."""
         return min(self.step / max(self.steps_per_epoch * self.total_epochs, 1), 1.0)
 
-    @property
-    def epoch_float(self) -> float:
-        """Fractional epoch, for ramp-ups defined in epochs."""
-        return self.step / max(self.steps_per_epoch, 1)
-
     def ce(self, logits: Tensor, view: int = 0, label_smoothing: float = 0.0) -> Tensor:
         """Cross-entropy against the labels of peer ``view``'s input, mixed as its pixels were (and
         optionally smoothed)."""
@@ -198,7 +193,8 @@ class PreTrainContext:
         ema: the EMA copy's module (the temporal-mean / independent teacher), or ``None``.
         batches: ``batches()`` yields training batches made into this method's views, from a generator
             seeded by the run's seed (the same on every call, independent of the epoch draws).
-        optimizer: ``optimizer(params, lr, momentum=0.0)`` -> SGD with the config's weight decay.
+        sgd_optimizer: ``sgd_optimizer(params, lr, momentum=0.0)`` -> SGD (whatever ``optim.name`` trains
+            with) with the config's weight decay.
         base_lr: the config's learning rate.
         autocast: the run's autocast context.
         taps: the stage maps every forward carries.
@@ -210,7 +206,7 @@ class PreTrainContext:
     cohort: nn.Module
     ema: nn.Module | None
     batches: Callable[[], Iterator[Views]]
-    optimizer: Callable[..., torch.optim.Optimizer]
+    sgd_optimizer: Callable[..., torch.optim.Optimizer]
     base_lr: float
     autocast: Callable[[], contextlib.AbstractContextManager[object]]
     taps: tuple[str, ...] = ()
@@ -280,7 +276,7 @@ class Method(nn.Module):
         """Parameters with their own weight decay or optimizer (default: none; all in one group)."""
         return []
 
-    def dropout_features(self, rec: StepRecord) -> list[FeatureHead]:
+    def feature_heads(self, rec: StepRecord) -> list[FeatureHead]:
         """The features an add-on acts on: by default each peer's pooled embedding and its classifier."""
         return [FeatureHead(o.embedding, head) for o, head in zip(rec.outputs, rec.heads)]
 
@@ -300,7 +296,7 @@ ADDONS: Registry[AddOn] = Registry("addon")
 class AddOn(nn.Module):
     """A loss term composed with any method by config (``addon=sd_dropout addon.lam=0.1``).
 
-    It reads the features the method defines (``method.dropout_features(rec)``), so one add-on works
+    It reads the features the method defines (``method.feature_heads(rec)``), so one add-on works
     with every method without a copy of each method "with" it. ``unused_params``: as
     :attr:`Needs.unused_params`, for the add-on's own parameters.
     """
@@ -321,11 +317,4 @@ class AddOn(nn.Module):
 def all_ranks(*tensors: Tensor, dim: int = 0) -> list[Tensor]:
     """Each tensor concatenated along ``dim`` over the torchrun processes (itself in one process), for
     method state every rank must hold alike (memory banks, stored predictions)."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return list(tensors)
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, t.contiguous())
-        out.append(torch.cat(parts, dim))
-    return out
+    return all_gather_cat(*tensors, dim=dim)

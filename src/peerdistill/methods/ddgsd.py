@@ -37,7 +37,7 @@ class DDGSD(Method):
     CE is half the mean over the 2B rows), ``mmd=scalar mmd_weight=5e-4`` (the squared difference of
     the two scalar means over all B x D entries). Under a mixer one draw mixes both halves alike, so the
     two views still show the same (mixed) images. The evaluated network is the single network on
-    undistorted test images. ``dropout_features`` gives both halves as one feature with ``halves=True``
+    undistorted test images. ``feature_heads`` gives both halves as one feature with ``halves=True``
     (``addon=sd_dropout``: one mask over the 2B rows, view 1 against view 2).
 
     Args:
@@ -83,5 +83,5 @@ class DDGSD(Method):
             terms[f"mmd{i}"] = self.mmd_weight * self.feature_gap(o.embedding)
         return terms
 
-    def dropout_features(self, rec: StepRecord) -> list[FeatureHead]:
+    def feature_heads(self, rec: StepRecord) -> list[FeatureHead]:
         return [FeatureHead(o.embedding, head, halves=True) for o, head in zip(rec.outputs, rec.heads)]

@@ -82,7 +82,7 @@ class DKEL(PCL):
             return
         teacher, was_training = ctx.ema, ctx.ema.training
         teacher.train().requires_grad_(True)
-        opt = ctx.optimizer(teacher.parameters(), ctx.base_lr * INIT_LR_SCALE)
+        opt = ctx.sgd_optimizer(teacher.parameters(), ctx.base_lr * INIT_LR_SCALE)
         scaler = ctx.scaler()  # fp16: scaled so small gradients survive, and a step with inf/NaN is skipped
         steps = 0
         for views in ctx.batches():

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor
+
+from .. import collectives
 
 Params = dict[str, Tensor]
 
@@ -66,11 +67,9 @@ def unrolled_hypergradient(inner: Callable[[Params, Params], Tensor], outer: Cal
 
 def all_reduce_mean(grads: Params) -> Params:
     """Average gradients over the processes under torchrun (one flat all-reduce); identity otherwise."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+    if collectives.world_size() == 1:
         return grads
-    flat = torch.cat([g.reshape(-1) for g in grads.values()])
-    tdist.all_reduce(flat)
-    flat = flat / tdist.get_world_size()
+    flat = collectives.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads.values()]))
     out, i = {}, 0
     for k, g in grads.items():
         out[k] = flat[i:i + g.numel()].view_as(g)

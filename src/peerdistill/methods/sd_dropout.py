@@ -2,7 +2,7 @@
 
 One implementation of the SDD term serves both the standalone method ``sd_dropout`` and the add-on
 ``addon=sd_dropout``, which adds the term to any method through the features it exposes
-(:meth:`Method.dropout_features`): CS-KD's anchors, DDGSD's two views with one mask, BYOT's final
+(:meth:`Method.feature_heads`): CS-KD's anchors, DDGSD's two views with one mask, BYOT's final
 feature, each DML network with its own classifier.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ class SDDropout(SDDTerm, Method):
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
-        for i, (o, fh) in enumerate(zip(rec.outputs, self.dropout_features(rec))):
+        for i, (o, fh) in enumerate(zip(rec.outputs, self.feature_heads(rec))):
             terms[f"ce{i}"] = rec.ce(o.logits, i)
             terms[f"sdd{i}"] = self.lam * self.term(fh)
         return terms
@@ -107,7 +107,7 @@ class SDDropout(SDDTerm, Method):
 @ADDONS.register("sd_dropout")
 class SDDropoutAddOn(SDDTerm, AddOn):
     """SD-Dropout added to any method: ``sdd{i} = lam * T^2 * L_SDD`` on each of the method's dropout
-    features (``method.dropout_features``), the authors' ``*_Dropout`` combinations in one add-on.
+    features (``method.feature_heads``), the authors' ``*_Dropout`` combinations in one add-on.
 
     The method decides what the term acts on: by default each network's pooled embedding with its own
     classifier (DML: each network with its own FC, BYOT: the final feature, CS-KD: the anchors); DDGSD
@@ -139,5 +139,5 @@ class SDDropoutAddOn(SDDTerm, AddOn):
                                    "set method.lam instead")
 
     def losses(self, rec: StepRecord, method: Method) -> dict[str, Tensor]:
-        return {f"sdd{i}": self.lam * self.term(fh) for i, fh in enumerate(method.dropout_features(rec))}
+        return {f"sdd{i}": self.lam * self.term(fh) for i, fh in enumerate(method.feature_heads(rec))}
 

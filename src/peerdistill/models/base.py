@@ -9,8 +9,8 @@ Models know nothing about distillation; the engine asks for what a method needs:
 * ``forward(x)`` -> logits, so every model stays an ordinary ``nn.Module``.
 
 Anything applied after the last block and before pooling (a final BN-ReLU, MobileNetV2's 1x1 conv)
-belongs to the last stage, so ``stages[k:]`` plus the head is always a valid "branch" for
-:class:`peerdistill.models.branched.BranchedNet`.
+belongs to the last stage, so ``stages[k:]`` plus the head is always a valid "branch" of a shared-trunk cohort
+(:func:`peerdistill.models.cohort.build_cohort`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import os
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
