@@ -170,7 +170,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     n = cohort_size(cfg, needs)
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
-                          needs.topology, needs.split_after, cfg.fused)
+                          needs.topology, needs.split_after, cfg.fused, 1.0 / n if needs.trunk_grad == "mean" else 1.0)
     info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
                     tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)

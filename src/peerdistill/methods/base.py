@@ -47,6 +47,8 @@ class Needs:
         min_peers: smallest cohort the method makes sense for.
         topology: ``"independent"`` networks or ``"branched"`` (a shared trunk plus per-peer branches).
         split_after: for branched cohorts, the last shared stage (``None``: all stages but the last).
+        trunk_grad: for branched cohorts, the gradient the shared trunk receives from the branches: their
+            ``"sum"``, or their ``"mean"`` (CL-ILR's backprop rescaling, 1/m).
         taps: stage names whose maps each peer output must carry (``"*"`` = every stage).
         views: ``"shared"``: one augmented view for every peer; ``"per_peer"``: an independent
             augmentation (crop, flip, cutout) of the same images for each peer (PCL, DKEL, KDCL).
@@ -78,6 +80,7 @@ class Needs:
     min_peers: int = 1
     topology: Literal["independent", "branched"] = "independent"
     split_after: str | None = None
+    trunk_grad: Literal["sum", "mean"] = "sum"
     taps: tuple[str, ...] = ()
     views: Literal["shared", "per_peer"] = "shared"
     mix: Literal["shared", "per_view"] = "shared"

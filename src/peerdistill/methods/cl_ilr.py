@@ -48,14 +48,14 @@ class CLILR(Method):
         self.ce_weight, self.weight, self.temperature = ce_weight, weight, temperature
         self.rampup_epochs, self.detach_targets, self.rescale = rampup_epochs, detach_targets, rescale
         # The heads' targets combine their outputs on one input: one shared (mixed) view.
-        self.needs = Needs(default_peers=3, min_peers=2, topology="branched", split_after=split_after or None)
+        # Backprop rescaling (Song & Chai; the OKDDip code's `ILR` op): the trunk gets the mean, not the
+        # sum, of the heads' gradients.
+        self.needs = Needs(default_peers=3, min_peers=2, topology="branched", split_after=split_after or None,
+                           trunk_grad="mean" if rescale else "sum")
 
     def setup(self, cohort: nn.Module, data: DataInfo) -> None:
         if cohort.shared < 1:
             raise PeerdistillError("method 'cl_ilr' needs a branched cohort with at least one shared stage")
-        # Backprop rescaling (Song & Chai; the OKDDip code's `ILR` op): the trunk gets the mean, not the
-        # sum, of the heads' gradients.
-        cohort.trunk_grad_scale = 1.0 / len(cohort) if self.rescale else 1.0
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         z = [o.logits for o in rec.outputs]

@@ -24,15 +24,16 @@ class Cohort(nn.Module):
         nets: the peers (already sharing their trunk modules when ``shared > 0``).
         shared: number of leading stages (with the stem) shared by all peers; 0 = independent.
         fused: run a homogeneous independent cohort as one batched network (see :meth:`_fused_forward`).
+        trunk_grad_scale: scale of the gradient a shared trunk receives back from the branches (1 = the
+            plain sum of the branches' gradients); identity in the forward pass.
     """
 
-    def __init__(self, nets: Sequence[StagedNet], shared: int = 0, fused: bool = False) -> None:
+    def __init__(self, nets: Sequence[StagedNet], shared: int = 0, fused: bool = False,
+                 trunk_grad_scale: float = 1.0) -> None:
         super().__init__()
         self.nets = nn.ModuleList(nets)
         self.shared = shared
-        # Scale of the gradient a shared trunk receives back from the branches (1 = plain sum of the
-        # branches' gradients); CL-ILR's backprop rescaling sets 1/m. Identity in the forward pass.
-        self.trunk_grad_scale = 1.0
+        self.trunk_grad_scale = trunk_grad_scale
         if fused:
             check_fusable(self.nets, shared)
         self.fused = fused
@@ -157,11 +158,12 @@ def check_fusable(nets: Sequence[nn.Module], shared: int) -> None:
 
 def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: int,
                  model_args: dict[str, object], topology: str = "independent",
-                 split_after: str | None = None, fused: bool = False) -> Cohort:
+                 split_after: str | None = None, fused: bool = False, trunk_grad_scale: float = 1.0) -> Cohort:
     """Build ``n`` peers. ``models`` has one name (homogeneous) or ``n`` names (heterogeneous).
 
     For ``topology="branched"`` the peers share the stem and every stage up to ``split_after``
-    (default: all stages but the last, the ONE / CL-ILR / OKDDip / PCL convention for CIFAR ResNets).
+    (default: all stages but the last, the ONE / CL-ILR / OKDDip / PCL convention for CIFAR ResNets),
+    and the trunk's gradient is the branches' times ``trunk_grad_scale``.
     """
     if len(models) not in (1, n):
         raise PeerdistillError(f"{len(models)} model names given for {n} peers; give one or {n}")
@@ -185,4 +187,4 @@ def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: i
         net.stem = nets[0].stem
         for j in range(shared):
             net.stages[j] = nets[0].stages[j]
-    return Cohort(nets, shared, fused)
+    return Cohort(nets, shared, fused, trunk_grad_scale)
