@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peerdistill.report.study import dig, head_value
 from peerdistill.text import format_duration
 
 ALPHA = 0.05  # significance level of every verdict
@@ -69,24 +70,14 @@ def summary(d: Path) -> dict[str, Any]:
 
 
 def final(head: str, metric: str = "top1"):
-    """Getter: a head's final test metric; ``peers`` = the mean over the run's peer heads."""
-    def get(d: Path) -> float | None:
-        test = summary(d)["final"]["test"]
-        if head == "peers":
-            vals = [m[metric] for h, m in test.items() if h.startswith("peer") and h != "peers_mean" and metric in m]
-            return statistics.mean(vals) if vals else None
-        return test[head][metric] if head in test else None
-    return get
+    """Getter: a head's final test metric; ``peers`` (:data:`~peerdistill.report.study.PEERS`) = the mean over
+    the run's peer heads, as every study table reads it (:func:`~peerdistill.report.study.head_value`)."""
+    return lambda d: head_value(summary(d), head, metric, "final")
 
 
 def eval_key(*path: str):
     """Getter: a value of the run's eval.json."""
-    def get(d: Path) -> float | None:
-        obj: Any = json.loads((d / "eval.json").read_text())
-        for p in path:
-            obj = obj[p]
-        return obj
-    return get
+    return lambda d: dig(json.loads((d / "eval.json").read_text()), list(path))
 
 
 def study_wall(runs: Path, study: str) -> str:

@@ -67,7 +67,7 @@ class Column:
 
     def value(self, run: RunResult, which: str) -> float | None:
         if self.file:
-            return _number(_dig(run.extra.get(self.file), self.key.split(".")))
+            return _number(dig(run.extra.get(self.file), self.key.split(".")))
         return head_value(run.summary, self.head, self.metric, which)
 
 
@@ -78,17 +78,18 @@ def head_value(summary: dict[str, Any], head: str, metric: str, which: str) -> f
     else:
         test = {h: (b or {}).get("test") or {} for h, b in (summary.get("best") or {}).items() if isinstance(b, dict)}
     if head == PEERS:
-        vals = [_number(_dig(m, [metric])) for h, m in test.items() if _is_peer(h)]
+        vals = [_number(dig(m, [metric])) for h, m in test.items() if _is_peer(h)]
         vals = [v for v in vals if v is not None]
         return statistics.mean(vals) if vals else None
-    return _number(_dig(test.get(head), [metric]))
+    return _number(dig(test.get(head), [metric]))
 
 
 def _is_peer(head: str) -> bool:
     return head.startswith("peer") and head[4:].isdigit()
 
 
-def _dig(obj: Any, path: list[str]) -> Any:
+def dig(obj: Any, path: list[str]) -> Any:
+    """``obj[path[0]][path[1]]...``, or ``None`` where a key is missing."""
     for key in path:
         obj = obj.get(key) if isinstance(obj, dict) else None
     return obj
