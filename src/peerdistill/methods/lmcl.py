@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from ..data.samplers import MPerClassSampler
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
-from .base import METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord
+from .base import METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord, global_batch
 from .contrastive import TERMS, ProjectionHead, mutual_contrast
 from .functional import kd_kl
 from .lmcl_parts import AuxBranch, PairWeights, StageAggregator
@@ -139,7 +139,10 @@ class LMCL(Method):
             if self.weight_net is not None:
                 with torch.no_grad():
                     w = self.weight_net([h.detach() for fs in feats for h in fs])  # (P, B)
-            terms.update(self.contrast(self.project(feats), w, rec.labels))
+                (w,) = global_batch(w, dim=1)
+            # the whole global batch contrasts, as in one process (gathered with gradient under torchrun)
+            (v,), (labels,) = global_batch(self.project(feats), dim=1), global_batch(rec.labels)
+            terms.update(self.contrast(v, w, labels))
         return terms
 
     # ------------------------------------------------------------------ meta step
