@@ -4,8 +4,9 @@ A sampler turns an epoch number into the epoch's **global** batches: an index ma
 ``(n_batches, rows)`` with ``rows = rows_per_sample * global_batch``. Under torchrun, rank r trains on
 the columns ``r::world_size`` of every row, so a sampler arranges its columns such that each rank's slice
 is itself a well-formed batch (whole same-class groups, anchors before partners), and such that the row
-itself does not depend on the number of processes: a multi-process global batch is the one-process batch. Every draw comes from a
-generator seeded by ``(seed, epoch)``: an epoch is reproducible on its own, so ``--resume`` replays it.
+itself does not depend on the number of processes: a multi-process global batch is the one-process batch.
+Every draw comes from a generator seeded by ``(seed, epoch)``: an epoch is reproducible on its own, so
+``--resume`` replays it.
 """
 from __future__ import annotations
 

@@ -161,8 +161,9 @@ class LMCL(Method):
             self.meta_step(rec)
 
     def meta_step(self, rec: StepRecord) -> None:
-        """Hyper-gradient on this batch, averaged over processes, then one Nesterov SGD step of the
-        weight network (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
+        """Hyper-gradient on this batch (under torchrun: on the global batch, or per process and averaged,
+        by ``meta_batch``), then one Nesterov SGD step of the weight network
+        (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
         lr = rec.lr  # the virtual steps and the weight network follow the run's schedule, as in the code
         if self.meta_batch == "global" and world_size() > 1:
             grads = self.hypergradient(global_record(rec), lr)  # the same on every rank
