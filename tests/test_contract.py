@@ -181,7 +181,7 @@ def test_m_per_class_batches_cover_the_epoch_once(classes, per, batch):
         if batch // 2 <= classes:  # enough classes: exactly m of each class in the batch
             assert set(counts.tolist()) == {2}
         assert all(c % 2 == 0 for c in counts)
-        assert all(labels[row[k]] == labels[row[k + 1]] for k in range(0, batch, 2))  # whole groups
+        assert (labels[row[: batch // 2]] == labels[row[batch // 2:]]).all()  # whole groups, member-major
     assert torch.equal(order, s.epoch(labels, batch, 1, seed=3, epoch=0))  # a function of (seed, epoch)
     assert not torch.equal(order, s.epoch(labels, batch, 1, seed=3, epoch=1))
 
@@ -192,7 +192,12 @@ def test_m_per_class_shards_whole_groups_per_rank():
     ranks = [[b.labels.numpy() for b in DeviceLoader(data, 8, True, 0, r, 2, MPerClassSampler(2))] for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(labels) // 16
     for local in ranks[0] + ranks[1]:
-        assert all(local[k] == local[k + 1] for k in range(0, 8, 2))
+        assert (local[:4] == local[4:]).all()  # whole groups: member-major, as the global row
+    # the global batch (rank r: columns r::2) is the one-process batch, in the same order
+    one = [b.index for b in DeviceLoader(data, 16, True, 0, 0, 1, MPerClassSampler(2))]
+    two = [[b.index for b in DeviceLoader(data, 8, True, 0, r, 2, MPerClassSampler(2))] for r in range(2)]
+    for k, full in enumerate(one):
+        assert torch.equal(full[0::2], two[0][k]) and torch.equal(full[1::2], two[1][k])
     seen = np.concatenate([b.index.numpy() for r in range(2) for b in
                            DeviceLoader(data, 8, True, 0, r, 2, MPerClassSampler(2))])
     assert len(np.unique(seen)) == len(seen) == len(labels)

@@ -218,7 +218,7 @@ def test_batch_contract(tree: Path) -> None:
     assert b.images.stride() == (2 * 24 * 24 * 3, 24 * 24 * 3, 1, 24 * 3, 3)  # channels-last storage
     np.testing.assert_array_equal(b.index.numpy(), rows[0].numpy())
     np.testing.assert_array_equal(b.labels.numpy(), s.labels[rows[0].numpy()])
-    assert (b.labels.view(-1, 2)[:, 0] == b.labels.view(-1, 2)[:, 1]).all()  # pairs of a class stay pairs
+    assert (b.labels.view(2, -1)[0] == b.labels.view(2, -1)[1]).all()  # pairs of a class stay pairs (member-major)
 
 
 def test_evaluation_rows_cover_every_sample_once(tree: Path) -> None:

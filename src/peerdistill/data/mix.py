@@ -72,6 +72,9 @@ class Mixer:
     def record(self, shape: torch.Size, device: torch.device, gen: torch.Generator | None) -> MixRecord:
         raise NotImplementedError
 
+    def check(self, world: int) -> None:
+        """Raise a one-line error if this mixer cannot run in ``world`` processes (default: it can)."""
+
 
 MIXERS: Registry[Mixer] = Registry("mixer")
 

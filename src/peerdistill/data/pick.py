@@ -77,8 +77,9 @@ class CutMixPick(Mixer):
         base_args: its parameters; ``prob`` defaults to 1 and ``derangement`` to true where the base
             mixer has them (Good-DA mixes every batch, never pairing an image with itself).
         mix_n_run: draws in the pool (2: a pool of 2B images).
-        n_pick: images kept; 0 = the batch size (the code's 64 with batch 64). Methods that read
-            hard labels (``rec.labels``) need the batch size.
+        n_pick: images kept of the global batch; 0 = the batch size (the code's 64 with batch 64). Under
+            torchrun each of the N processes keeps ``n_pick / N`` of its own pool. Methods that read hard
+            labels (``rec.labels``) need the batch size.
         criterion: the score.
         temperature: T of ``kld`` (the code's ``kd_T``, 4).
         peer: the peer whose predictions ``student_entropy`` / ``kld`` use.
@@ -95,18 +96,24 @@ class CutMixPick(Mixer):
         self.mix_n_run, self.n_pick, self.criterion = mix_n_run, n_pick, criterion
         self.temperature, self.peer = temperature, peer
 
+    def check(self, world: int) -> None:
+        if self.n_pick % world:
+            raise PeerdistillError(f"mixer 'cutmixpick': n_pick={self.n_pick} (images kept of the global batch) "
+                                   f"is not divisible by {world} processes")
+
     def draw(self, x: Tensor, gen: torch.Generator | None = None, ctx: object = None) -> MixRecord:
         return self.pick(x, gen, ctx)[0]
 
     def pick(self, x: Tensor, gen: torch.Generator | None, ctx: Any) -> tuple[MixRecord, Tensor | None]:
         """The record of the kept images and, when the score used the teacher, its (n, K) logits on them."""
-        b = x.shape[0]
+        b, world = x.shape[0], getattr(ctx, "shard", (0, 1))[1]
+        self.check(world)
         pool_rec = concat_records([self.base.draw(x, gen, ctx) or identity_record(b, x.device)
                                    for _ in range(self.mix_n_run)])
         pool = pool_rec.mix_images(x)  # (R*B, C, H, W)
         with torch.no_grad():
             scores, t_logits = self.scores(pool, x, ctx)
-        idx = top_rows(scores, self.n_pick or b)
+        idx = top_rows(scores, self.n_pick // world or b)  # this process's share of the kept images
         return select_rows(pool_rec, idx), None if t_logits is None else t_logits[idx]
 
     def scores(self, pool: Tensor, x: Tensor, ctx: ViewContext) -> tuple[Tensor, Tensor | None]:

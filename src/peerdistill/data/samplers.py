@@ -3,8 +3,10 @@
 A sampler turns an epoch number into the epoch's **global** batches: an index matrix
 ``(n_batches, rows)`` with ``rows = rows_per_sample * global_batch``. Under torchrun, rank r trains on
 the columns ``r::world_size`` of every row, so a sampler arranges its columns such that each rank's slice
-is itself a well-formed batch (whole same-class groups, anchors before partners). Every draw comes from a
-generator seeded by ``(seed, epoch)``: an epoch is reproducible on its own, so ``--resume`` replays it.
+is itself a well-formed batch (whole same-class groups, anchors before partners), and such that the row
+itself does not depend on the number of processes: a multi-process global batch is the one-process batch.
+Every draw comes from a generator seeded by ``(seed, epoch)``: an epoch is reproducible on its own, so
+``--resume`` replays it.
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ class MPerClassSampler(Sampler):
                     break
             if len(take) < per_batch:
                 break
-            rows.append(_interleave(np.stack(take)[rng.permutation(per_batch)], world))
+            rows.append(_layout(np.stack(take)[rng.permutation(per_batch)]))
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
 
     def _drawn(self, labels: np.ndarray, batch_size: int, world: int, rng: np.random.Generator) -> Tensor:
@@ -124,14 +126,18 @@ class MPerClassSampler(Sampler):
             picked, counts = np.unique(np.resize(rng.permutation(classes), per_batch), return_counts=True)
             groups = [rng.choice(members[c], k * m, replace=len(members[c]) < k * m).reshape(k, m)
                       for c, k in zip(picked, counts)]
-            rows.append(_interleave(np.concatenate(groups)[rng.permutation(per_batch)], world))
+            rows.append(_layout(np.concatenate(groups)[rng.permutation(per_batch)]))
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, batch_size, dtype=torch.long)
 
 
-def _interleave(groups: np.ndarray, world: int) -> np.ndarray:
-    """(G, m) groups -> one global batch row whose columns ``r::world`` are rank r's whole groups."""
-    local = [groups[r::world].reshape(-1) for r in range(world)]  # rank r's rows, groups contiguous
-    return np.stack(local, axis=1).reshape(-1)
+def _layout(groups: np.ndarray) -> np.ndarray:
+    """(G, m) groups -> one global batch row, member-major: group k's members sit at columns k, k + G, ...
+
+    The row does not depend on the number of processes W: for any W dividing G (``check``), the columns
+    ``r::W`` hold whole groups (those with k = r mod W), so rank r's slice is a well-formed batch, and the
+    global batch -- with every per-image draw made for it (crops, flips, bank negatives) -- is the
+    one-process batch in the one-process order."""
+    return groups.T.reshape(-1)
 
 
 class PairSampler(Sampler):

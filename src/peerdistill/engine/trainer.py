@@ -123,6 +123,8 @@ class Trainer:
         self.augment.shard = (self.dist.rank, self.dist.world_size)  # global-batch draws, this rank's rows
         self.mixer = make_mixer(cfg)
         world, rank = self.dist.world_size, self.dist.rank
+        if self.mixer is not None:
+            self.mixer.check(world)
         if cfg.batch_size % world:
             raise PeerdistillError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
         self.train_loader = DeviceLoader(self.data.train, cfg.batch_size // world, True, cfg.seed, rank, world,

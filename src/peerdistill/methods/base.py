@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..collectives import all_gather_cat
+from ..collectives import all_gather_cat, global_batch, world_size  # noqa: F401  (methods import them here)
 from ..data.loader import Batch
 from ..data.samplers import Sampler
 from ..data.views import Extra, View, ViewContext, Views

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..models.base import init_weights
 from ..params import Literal, NonNegative, Positive, Probability
-from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, world_size
 from .functional import ensemble_log_probs, f32, kd_kl
 
 
@@ -103,7 +103,9 @@ class BYOT(Method):
             sq = (f32(f_i) - f).pow(2)
             terms[f"ce_aux{i}"] = lam * (1.0 - self.alpha) * rec.ce(z_i)
             terms[f"kl_aux{i}"] = lam * self.alpha * kd_kl(z_i, o.logits, t)  # target detached
-            terms[f"hint_aux{i}"] = lam * self.hint * (sq.sum() if self.variant == "byotl" else sq.mean())
+            # byotl's sum over the batch is the global batch's: DDP averages the ranks' gradients
+            hint = sq.sum() * world_size() if self.variant == "byotl" else sq.mean()
+            terms[f"hint_aux{i}"] = lam * self.hint * hint
         return terms
 
     def eval_heads(self, outputs: list[PeerOutput], ema: list[PeerOutput] | None = None) -> dict[str, Tensor]:

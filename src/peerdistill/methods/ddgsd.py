@@ -8,7 +8,7 @@ from ..data.loader import Batch
 from ..data.mix import MixRecord
 from ..data.views import View, ViewContext, Views
 from ..params import Literal, NonNegative, Positive
-from .base import METHODS, FeatureHead, Method, Needs, StepRecord
+from .base import METHODS, FeatureHead, Method, Needs, StepRecord, global_batch
 from .functional import f32, kd_kl
 
 
@@ -67,11 +67,14 @@ class DDGSD(Method):
         return Views([View(both.mix_images(x), labels, index, both)] * ctx.n_peers)
 
     def feature_gap(self, f: Tensor) -> Tensor:
-        """The MMD term of the (2B, D) pooled features of both halves."""
+        """The MMD term of the (2B, D) pooled features of both halves. Under torchrun the means are the
+        global batch's: every rank's (equal-sized) half-batch means, gathered with gradient, averaged."""
         f1, f2 = f32(f).chunk(2)
+        (means,) = global_batch(torch.stack([f1.mean(0), f2.mean(0)])[None])  # (world, 2, D)
+        m1, m2 = means.mean(0)
         if self.mmd == "scalar":
-            return (f1.mean() - f2.mean()).pow(2)
-        return (f1.mean(0) - f2.mean(0)).pow(2).sum()
+            return (m1.mean() - m2.mean()).pow(2)
+        return (m1 - m2).pow(2).sum()
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}

@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from ..params import Decay, NonNegative, NonNegativeInt, Positive
-from .base import METHODS, PreTrainContext
+from .base import METHODS, PreTrainContext, world_size
 from .functional import kd_kl, mean_logits
+from .meta import all_reduce_mean
 from .pcl import PCL, ClassifierInit, Mix, Rampup, Schedule, view_ce
 
 # The released code (src/losses/loss_wrapper.py) drops the ensemble term once exp(-k e) <= 0.01.
@@ -91,6 +92,10 @@ class DKEL(PCL):
                 loss = sum(view_ce(o.logits, v, self.num_classes) for o, v in zip(outs, views.peers)) / len(outs)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if world_size() > 1:  # the teacher is no DDP module: average the ranks' gradients as DDP would,
+                held = [p for p in teacher.parameters() if p.grad is not None]  # so it sees the global batch
+                for p, g in zip(held, all_reduce_mean({str(k): p.grad for k, p in enumerate(held)}).values()):
+                    p.grad.copy_(g)
             scaler.step(opt)
             scaler.update()
             steps += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..params import Literal, NonNegative, Positive, PositiveInt
-from .base import METHODS, Method, Needs, StepRecord
+from .base import METHODS, Method, Needs, StepRecord, global_batch
 from .functional import f32, kd_kl, linear_ensemble_weights, mean_logits, min_logit_ensemble
 
 
@@ -47,7 +47,8 @@ class KDCL(Method):
         z = [o.logits.detach() for o in rec.outputs]
         q = rec.views[0].soft_targets(rec.num_classes)  # every view holds the same (identically mixed) images
         if self.ensemble == "linear":
-            w = linear_ensemble_weights(z, q, self.linear_steps)  # (m,)
+            # fitted on the global batch under torchrun (no gradient: every rank gets the same weights)
+            w = linear_ensemble_weights(global_batch(*z), *global_batch(q), self.linear_steps)  # (m,)
             return sum(w_i * f32(z_i) for w_i, z_i in zip(w, z))
         if self.ensemble == "minlogit":
             return min_logit_ensemble(z, q)

@@ -2,14 +2,19 @@
 spec §3.2; code winycg/L-MCL ``main_layer_mcl_cifar_meta.py``)."""
 from __future__ import annotations
 
+import dataclasses
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..data.mix import MixRecord
 from ..data.samplers import MPerClassSampler
+from ..data.views import View
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
-from .base import METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord
+from .base import (METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord, all_ranks, global_batch,
+                   world_size)
 from .contrastive import TERMS, ProjectionHead, mutual_contrast
 from .functional import kd_kl
 from .lmcl_parts import AuxBranch, PairWeights, StageAggregator
@@ -61,6 +66,10 @@ class LMCL(Method):
         meta_momentum: momentum of the virtual SGD and of the weight network's optimizer.
         instance_positive: ICL counts the same image in the other network as a positive.
         eval_branches: also evaluate the auxiliary branches and the aggregators.
+        meta_batch: under torchrun, the batch of the meta step: ``global`` (every process gathers the
+            global batch and computes the one-process hyper-gradient on it: N times the meta step's compute
+            and memory per process) or ``local`` (each process on its own rows, the hyper-gradients
+            averaged: not the one-process value). No effect in one process.
         sampling: ``epoch`` (every image once per epoch) or ``per_batch`` (classes and images drawn afresh
             for every batch, the code's ``MPerClassSampler``); the same 2-per-class batches either way.
     """
@@ -69,12 +78,13 @@ class LMCL(Method):
                  lam: NonNegative = 1.0, tau: Positive = 0.1, temperature: Positive = 3.0,
                  feat_dim: PositiveInt = 128, meta: bool = True, meta_freq: PositiveInt = 50,
                  times: PositiveInt = 2, meta_momentum: Decay = 0.9, instance_positive: bool = False,
-                 eval_branches: bool = True, sampling: Literal["epoch", "per_batch"] = "epoch") -> None:
+                 eval_branches: bool = True, sampling: Literal["epoch", "per_batch"] = "epoch",
+                 meta_batch: Literal["global", "local"] = "global") -> None:
         super().__init__()
         self.weights = dict(zip(TERMS, (alpha, beta, gamma, lam)))
         self.tau, self.temperature, self.feat_dim, self.meta = tau, temperature, feat_dim, meta
         self.meta_freq, self.times, self.meta_momentum = meta_freq, times, meta_momentum
-        self.instance_positive, self.eval_branches = instance_positive, eval_branches
+        self.instance_positive, self.eval_branches, self.meta_batch = instance_positive, eval_branches, meta_batch
         self.needs = Needs(min_peers=2, taps=("*",), sampler=MPerClassSampler(2, sampling == "per_batch"))
         self.weight_net: PairWeights | None = None
 
@@ -139,7 +149,10 @@ class LMCL(Method):
             if self.weight_net is not None:
                 with torch.no_grad():
                     w = self.weight_net([h.detach() for fs in feats for h in fs])  # (P, B)
-            terms.update(self.contrast(self.project(feats), w, rec.labels))
+                (w,) = global_batch(w, dim=1)
+            # the whole global batch contrasts, as in one process (gathered with gradient under torchrun)
+            (v,), (labels,) = global_batch(self.project(feats), dim=1), global_batch(rec.labels)
+            terms.update(self.contrast(v, w, labels))
         return terms
 
     # ------------------------------------------------------------------ meta step
@@ -148,10 +161,14 @@ class LMCL(Method):
             self.meta_step(rec)
 
     def meta_step(self, rec: StepRecord) -> None:
-        """Hyper-gradient on this batch, averaged over processes, then one Nesterov SGD step of the
-        weight network (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
+        """Hyper-gradient on this batch (under torchrun: on the global batch, or per process and averaged,
+        by ``meta_batch``), then one Nesterov SGD step of the weight network
+        (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
         lr = rec.lr  # the virtual steps and the weight network follow the run's schedule, as in the code
-        grads = all_reduce_mean(self.hypergradient(rec, lr))
+        if self.meta_batch == "global" and world_size() > 1:
+            grads = self.hypergradient(global_record(rec), lr)  # the same on every rank
+        else:
+            grads = all_reduce_mean(self.hypergradient(rec, lr))
         names = [k for k, _ in self.weight_net.named_parameters()]
         momenta = [getattr(self, f"weight_momentum{j}") for j in range(len(names))]
         nesterov_sgd_(list(self.weight_net.parameters()), [grads[k] for k in names], momenta, lr,
@@ -189,3 +206,18 @@ class LMCL(Method):
                     heads[f"aux{m}_{net.stage_names[k]}"] = z
                 heads[f"agg{m}"] = self.aggregators[m](feats[m], logits[m])
         return heads
+
+
+def global_record(rec: StepRecord) -> StepRecord:
+    """``rec`` with its views replaced by the global batch's (inputs, labels, indices and mix records of
+    every rank, in rank order; no gradient): what the meta step of one process sees."""
+    done: dict[int, View] = {}
+    for v in rec.views:
+        if id(v) not in done:
+            x, labels, index = (all_ranks(t)[0] for t in (v.x, v.labels, v.index))
+            mix = None
+            if v.mix is not None:  # a rank's source rows are offset by the rows of the ranks before it
+                perms = v.mix.perms + tdist.get_rank() * v.mix.perms.shape[1]
+                mix = MixRecord(*(all_ranks(t, dim=1)[0] for t in (perms, v.mix.weights, v.mix.pixel_weights)))
+            done[id(v)] = View(x, labels, index, mix)
+    return dataclasses.replace(rec, views=[done[id(v)] for v in rec.views])

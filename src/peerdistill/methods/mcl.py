@@ -12,7 +12,7 @@ from ..data.samplers import MPerClassSampler, Sampler
 from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
 from ..seeds import seed_stream
-from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks, global_batch, world_size
 from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
 from .functional import kd_kl, mean_logits
 
@@ -113,12 +113,15 @@ class MCL(Method):
 
     def draw_indices(self, index: Tensor, step: int) -> Tensor:
         """(B, 2 + neg_k) bank indices: own, one same-class other index, ``neg_k`` different-class ones
-        (with replacement), from a generator seeded by (run seed, step, rank), so resume is exact."""
-        rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-        g = torch.Generator(device=index.device).manual_seed(seed_stream(self.seed, step, rank) % 2**63)
+        (with replacement), from a generator seeded by (run seed, step), so resume is exact. Under torchrun
+        the draws are made for the global batch and this rank keeps rows ``rank::world`` (its rows of the
+        global batch, as the augmentation draws): the same negatives as one process."""
+        world = world_size()
+        rank = tdist.get_rank() if world > 1 else 0
+        g = torch.Generator(device=index.device).manual_seed(seed_stream(self.seed, step) % 2**63)
         y = self.cls_labels[index]
         start, cnt, n = self.cls_start[y], self.cls_count[y], self.cls_labels.numel()
-        u = torch.rand(len(index), 1 + self.neg_k, generator=g, device=index.device)
+        u = torch.rand(len(index) * world, 1 + self.neg_k, generator=g, device=index.device)[rank::world]
         pos = start + torch.minimum((u[:, 0] * (cnt - 1)).long(), cnt - 2)  # class positions but one
         pos = pos + (pos >= self.cls_rank[index]).long()  # ... skipping the anchor's own position
         span = (n - cnt).unsqueeze(1)
@@ -140,7 +143,9 @@ class MCL(Method):
             self._pending = (rec.index, v.detach())
         else:
             pairs = torch.triu_indices(n, n, 1, device=v.device).T  # a < b
-            raw = mutual_contrast(v, pairs, rec.labels, self.tau, self.temperature, self.active, vcl_once=True,
+            # the whole global batch contrasts, as in one process (gathered with gradient under torchrun)
+            (v_all,), (labels,) = global_batch(v, dim=1), global_batch(rec.labels)
+            raw = mutual_contrast(v_all, pairs, labels, self.tau, self.temperature, self.active, vcl_once=True,
                                   instance_positive=self.instance_positive)
         terms.update({k: self.weights[k] * raw[k] for k in self.active})
         return terms
