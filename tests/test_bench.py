@@ -30,6 +30,17 @@ def test_bench_json_report_is_self_consistent(capsys):
     assert r["projected_run_s"] == pytest.approx(2 * (r["train_epoch_s"] + r["eval_s"]))
     # 86 training images (96 minus the 10 % validation split) in batches of 16: 5 steps per epoch
     assert r["train_epoch_s"] == pytest.approx(5 * r["step_ms"] / 1000.0)
+    assert r["projected_device_hours"] == pytest.approx(r["projected_run_s"] / 3600)  # one process
+
+
+def test_bench_projects_another_data_size_in_device_hours(capsys):
+    """ImageNet's 1 281 167 images from a small benchmark: epochs x (steps of that epoch x step time + eval)."""
+    main(["bench", *TINY, "method=dml", "peers=2", "--steps", "2", "--warmup", "1", "--epoch-size", "1281167", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["epoch_size"] == 1281167 and r["train_epoch_s"] == pytest.approx(1281167 // 16 * r["step_ms"] / 1000.0)
+    assert r["projected_device_hours"] == pytest.approx(2 * (r["train_epoch_s"] + r["eval_s"]) / 3600)
+    run_bench(_cfg(), steps=2, warmup=1, epoch_size=1281167)
+    assert "projected CPU-hours" in capsys.readouterr().out
 
 
 def test_bench_human_report_names_the_settings(capsys):

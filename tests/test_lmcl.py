@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from peerdistill.config import load
+from peerdistill.data.samplers import MPerClassSampler
 from peerdistill.data.views import View
 from peerdistill.engine.trainer import Trainer
 from peerdistill.methods import StepRecord
@@ -252,3 +253,99 @@ def test_eval_heads_cover_branches_and_aggregators():
     assert {"peer0", "peer1", "ensemble", "aux0_stage1", "aux1_stage2", "agg0", "agg1"} <= set(heads)
     assert all(h.shape == (4, 5) and torch.isfinite(h).all() for h in heads.values())
     assert torch.allclose(F.log_softmax(heads["peer0"], 1), F.log_softmax(outs[0].logits, 1))
+
+
+# ------------------------------------------------------------------ memory bank (the ImageNet code)
+BANK = ["method.contrast=bank", "method.neg_k=6"]
+
+
+@pytest.mark.numerical
+@pytest.mark.parametrize("vcl_bank,meta", [("own", True), ("code", False)])
+def test_bank_form_matches_hand_formulas_and_stores_the_final_stage(vcl_bank, meta):
+    """imagenet_sup_layer_mcl_meta_loss.py on a tiny cohort, written out one (network, stage) pair at a
+    time: for nets (a, b), stages (k, z), p = v_ak, q = v_bz, weight w of the pair: ICL l_w(M_a[idx] q) +
+    l_w(M_b[idx] p), positives own + same-class index; VCL over idx[:, 1:] with the same-class index the
+    positive, p against M_a and q against M_b (``own``) or M_a (``code``, the code's ``memory_a`` twice);
+    soft terms both ways; the bank update uses each network's final-stage embedding only."""
+    tr = trainer(*BANK, f"method.vcl_bank={vcl_bank}", f"method.meta={str(meta).lower()}")
+    m = tr.method
+    assert (m.tau, m.weights["vcl"], m.weights["icl"], m.meta_freq) == (0.07, 0.01, 0.01, 500)  # ImageNet code
+    assert m.banks.shape == (2, len(tr.data.train), 128) and not isinstance(m.needs.sampler, MPerClassSampler)
+    raw = record(tr)
+    before = m.banks.clone()
+    m, rec = m.double(), as_float64(raw)
+    terms = {k: float(v.detach()) for k, v in m.losses(rec).items()}
+    with torch.no_grad():
+        feats, _ = m.stages(rec.outputs)
+    fe = [[h.detach().double().numpy() for h in fs] for fs in feats]
+    v = [[hand_projection(m.proj[3 * a + k], feats[a][k]) for k in range(3)] for a in range(2)]
+    idx = m.draw_indices(rec.index, rec.step).numpy()
+    assert idx.shape == (len(rec.index), 8)
+    mem = before.double().numpy()
+
+    def scores(bank: int, e: np.ndarray, rows: np.ndarray) -> np.ndarray:  # (B, K): M_bank[rows[b, j]] . e_b / tau
+        return np.array([[mem[bank][rows[i, j]] @ e[i] for j in range(rows.shape[1])] for i in range(len(e))]) / 0.07
+
+    def lin(layer, x):
+        return x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+
+    b = len(idx)
+    pos_x, pos_w = np.zeros((b, 8), bool), np.zeros((b, 7), bool)
+    pos_x[:, :2], pos_w[:, 0] = True, True
+    want = dict.fromkeys(("vcl", "icl", "soft_vcl", "soft_icl"), 0.0)
+    for a, c in ((0, 1), (1, 0)):
+        for k in range(3):
+            for z in range(3):
+                w = np.ones(b)
+                if meta:
+                    u = [lin(m.weight_net.proj[3 * n + s], fe[n][s]) for n, s in ((a, k), (c, z))]
+                    u = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in u]
+                    w = 1 / (1 + np.exp(-(u[0] * u[1]).sum(1)))
+                p, q = v[a][k], v[c][z]
+                lij, lji = scores(a, q, idx), scores(c, p, idx)
+                ia, ib = scores(a, p, idx[:, 1:]), scores(c if vcl_bank == "own" else a, q, idx[:, 1:])
+                want["icl"] += np_supcon(lij, pos_x, ~np.zeros_like(pos_x), w) + np_supcon(lji, pos_x, ~np.zeros_like(pos_x), w)
+                want["soft_icl"] += np_kd(lij, lji, T, w) + np_kd(lji, lij, T, w)
+                want["vcl"] += np_supcon(ia, pos_w, ~np.zeros_like(pos_w), w) + np_supcon(ib, pos_w, ~np.zeros_like(pos_w), w)
+                want["soft_vcl"] += np_kd(ia, ib, T, w) + np_kd(ib, ia, T, w)
+    for k, wt in {"vcl": 0.01, "icl": 0.01, "soft_vcl": 1.0, "soft_icl": 1.0}.items():
+        assert terms[k] == pytest.approx(wt * want[k], rel=1e-10), k
+    if meta:
+        return
+    m.update(rec)
+    for n in range(2):  # M_n[i] <- normalise(0.5 M_n[i] + 0.5 v_n,final,i)
+        new = 0.5 * mem[n][rec.index.numpy()] + 0.5 * v[n][2]
+        new /= np.linalg.norm(new, axis=1, keepdims=True)
+        assert np.allclose(m.banks[n][rec.index].numpy(), new, rtol=0, atol=1e-12)
+    others = torch.ones(len(tr.data.train), dtype=torch.bool)
+    others[rec.index] = False
+    assert torch.equal(m.banks[:, others], before[:, others].double())
+
+
+def test_bank_form_meta_step_moves_the_weight_network_and_the_batch_rows_only():
+    """The step's bank update, then the meta step on the same draws; the virtual steps leave the banks
+    alone (the code's inner objective also writes its memory: a departure, docs/methods.md)."""
+    tr = trainer(*SMALL, *BANK)
+    rec = record(tr)
+    tr.method.losses(rec)
+    before = state(tr)
+    tr.method.update(rec)  # rec.step = 0: a meta step
+    after = state(tr)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith(("m.weight_net.", "m.weight_momentum"))} | {"m.banks"}
+    moved = (after["m.banks"] != before["m.banks"]).any(2).any(0)
+    assert torch.equal(moved.nonzero().flatten().sort().values, rec.index.unique().sort().values)
+    terms = tr.train_step(next(iter(tr.train_loader)))
+    assert {"vcl", "icl", "soft_vcl", "soft_icl"} <= set(terms) and all(torch.isfinite(t) for t in terms.values())
+
+
+def test_bank_form_refuses_batch_only_options_and_mixers():
+    from peerdistill.errors import PeerdistillError
+    for bad in ("method.instance_positive=true", "method.sampling=per_batch"):
+        with pytest.raises(PeerdistillError, match="contrast=batch"):
+            trainer(*BANK, bad)
+    with pytest.raises(PeerdistillError, match="contrast=bank"):
+        trainer("method.vcl_bank=code")
+    with pytest.raises(PeerdistillError, match="does not support mixers"):
+        trainer(*BANK, "mixer=cutmix")
+    assert (trainer().method.tau, trainer().method.meta_freq) == (0.1, 50)  # the in-batch defaults stay the CIFAR code's

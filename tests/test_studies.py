@@ -81,8 +81,13 @@ def test_sdd_calibration_waits_for_its_runs(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_study_file_expands_to_valid_runs(path):
+def test_every_study_file_expands_to_valid_runs(path, tmp_path, monkeypatch):
     from peerdistill.sweep.study import load_study
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the weights files users bring (imagenet.yaml's teachers)
+    (tmp_path / "weights").mkdir()
+    for name in ("resnet34-b627a593.pth", "resnet50-0676ba61.pth"):
+        (tmp_path / "weights" / name).write_bytes(b"")
 
     study = load_study(path)
     assert study.runs and len({r.name for r in study.runs}) == len(study.runs)
@@ -128,3 +133,23 @@ def test_tstddev_table_marks_a_cutout_row_measured_per_image(tmp_path):
     marked = results._tstddev_table(old, {})
     assert "| cutout (per image)¹ |" in marked and "`cutout:same_on_batch=false`" in marked
     assert "¹" not in results._tstddev_table(new, {}) and "| cutout |" in results._tstddev_table(new, {})
+
+
+def test_imagenet_study_runs_each_preset_under_torchrun_through_submitit(tmp_path, monkeypatch):
+    from peerdistill import config as C
+    from peerdistill.sweep.study import load_study
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    for name in ("resnet34-b627a593.pth", "resnet50-0676ba61.pth"):
+        (tmp_path / "weights" / name).write_bytes(b"")
+    root = Path(__file__).parents[1]
+    study = load_study(root / "studies" / "imagenet.yaml")
+    assert study.launch == {"launcher": "submitit", "nproc_per_node": 4} and study.slurm["gpus"] == 4
+    assert len(study.runs) == 12
+    for run in study.runs:
+        preset = C.load(root / "studies" / run.row.overrides["preset"])
+        assert (run.config.method.name, run.config.model.name, run.config.epochs, run.config.batch_size) == \
+            (preset.method.name, preset.model.name, preset.epochs, preset.batch_size), run.name
+        assert all(run.config.method.args[k] == v for k, v in preset.method.args.items()), run.name
+        assert run.config.data.name == "imagefolder" and run.config.data.root == "~/data/imagenet"

@@ -136,6 +136,9 @@ SHIM = r'''#!{python}
 """Stands in for `python -m peerdistill train`: records what it was given, writes a run's files."""
 import json, os, shutil, sys, time
 argv = sys.argv[1:]
+torchrun = []
+if argv[:2] == ["-m", "torch.distributed.run"]:  # torchrun per run: record its options, run the train command
+    torchrun, argv = argv[2:argv.index("-m", 2)], argv[argv.index("-m", 2):]
 assert argv[:3] == ["-m", "peerdistill", "train"], argv
 rest = argv[3:]
 d = rest[rest.index("--resume" if "--resume" in rest else "--out") + 1]
@@ -153,7 +156,7 @@ test = {{"peer0": {{"top1": 80.0 + seed, "nll": 0.5, "ece": 2.0}}, "ensemble": {
 with open(os.path.join(d, "summary.json"), "w") as f:
     json.dump({{"epochs": 1, "final": {{"val": {{}}, "test": test}}, "best": {{}}}}, f)
 with open(os.environ["SHIM_LOG"], "a") as f:
-    f.write(json.dumps({{"run": name, "argv": rest, "omp": os.environ.get("OMP_NUM_THREADS"),
+    f.write(json.dumps({{"run": name, "argv": rest, "omp": os.environ.get("OMP_NUM_THREADS"), "torchrun": torchrun,
                         "start": start, "end": time.time()}}) + "\n")
 '''
 
@@ -294,6 +297,37 @@ def test_submitit_local_executor(tmp_path, shim, capsys):
     recs = attempts(out / "method-dml_s0")
     assert [(r["launcher"], r["returncode"]) for r in recs] == [("submitit", 0)]
     assert any((out / "submitit").iterdir())  # submitit's own job folders and logs
+
+
+def test_submitit_jobs_run_torchrun_per_run(tmp_path, shim, capsys):
+    """nproc_per_node > 1: each job's command is torchrun with that many processes, threads split between them."""
+    pytest.importorskip("submitit")
+    path = _study(tmp_path / "s.yaml", grid={"method": ["independent", "dml"]}, nproc_per_node=2,
+                  slurm={"time": "5", "cpus": 4})
+    out = tmp_path / "out"
+    code = main(["sweep", str(path), "--out", str(out), "--launcher", "submitit", "--cluster", "local",
+                 "--python", str(shim), "--no-plots"])
+    assert code == 0, capsys.readouterr()
+    calls = _calls(tmp_path)
+    assert sorted(c["run"] for c in calls) == ["method-dml_s0", "method-independent_s0"]
+    assert all(c["torchrun"] == ["--standalone", "--nproc_per_node=2"] for c in calls), calls
+    assert all("threads=2" in c["argv"] for c in calls)  # cpus 4 / 2 processes
+    assert [r["launcher"] for r in attempts(out / "method-dml_s0")] == ["submitit"]
+
+
+def test_a_row_may_name_its_own_preset(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: {name: dml, temperature: 2.0}\nepochs: 3\n")
+    (tmp_path / "b.yaml").write_text("method: {name: kdcl}\nepochs: 5\n")
+    path = _study(tmp_path / "s.yaml", config={**TINY, "data.size": 64},
+                  rows=[{"name": "a", "preset": "a.yaml"}, {"name": "b", "preset": "b.yaml", "epochs": 1},
+                        {"name": "plain"}])
+    runs = {r.row.id: r.config for r in load_study(path).runs}
+    assert (runs["a"].method.name, runs["a"].method.args["temperature"], runs["a"].epochs) == ("dml", 2.0, 1)
+    assert (runs["b"].method.name, runs["b"].epochs) == ("kdcl", 1)  # the study's config, then the row's keys
+    assert runs["plain"].method.name == C.Config().method.name and runs["plain"].epochs == 1
+    _study(path, config=TINY, rows=[{"name": "x", "preset": "missing.yaml"}])
+    with pytest.raises(PeerdistillError, match="missing.yaml not found"):
+        load_study(path)
 
 
 def test_submitit_missing_is_one_line(tmp_path, capsys, monkeypatch):

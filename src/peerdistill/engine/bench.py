@@ -108,7 +108,9 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = Fal
     ``peak_rss_mb``, ``rss_growth_mb`` over the timed steps, ``gpu_peak_mb`` (CUDA only),
     ``method_state_mb`` (the method's own parameters and buffers: banks, stored predictions, heads) and
     ``ema_mb``, and the config essentials. ``projected_run_s`` assumes ``epoch_size`` training images per
-    epoch (default: this data's training split), reported as ``epoch_size``.
+    epoch (default: this data's training split), reported as ``epoch_size``; ``projected_device_hours`` is that
+    time x the processes (devices) that run it, e.g. GPU-hours = epochs x epoch_size / images_per_s x world_size
+    / 3600 plus the evaluations.
     """
     if epoch_size is not None and epoch_size < cfg.batch_size:
         raise PeerdistillError(f"--epoch-size {epoch_size} is smaller than one batch ({cfg.batch_size})")
@@ -163,7 +165,9 @@ def _run(trainer: Trainer, steps: int, warmup: int, epoch_size: int | None = Non
             "method_state_mb": _mb(trainer.method) + sum(_mb(a) for a in trainer.addons),
             "ema_mb": _mb(trainer.ema),
             "eval_s": eval_s, "train_epoch_s": epoch_s, "epochs": cfg.epochs, "epoch_size": size,
-            "projected_run_s": cfg.epochs * (epoch_s + eval_s)}
+            "projected_run_s": cfg.epochs * (epoch_s + eval_s),
+            # every process holds a device (or a CPU share) for the whole run
+            "projected_device_hours": cfg.epochs * (epoch_s + eval_s) * trainer.dist.world_size / 3600}
 
 
 def _host_syncs(trainer: Trainer, batches: Iterator[Batch]) -> float:
@@ -236,6 +240,8 @@ def format_report(r: dict[str, Any]) -> str:
                  f"({plural(r['epochs'], 'epoch')} x ({r['train_epoch_s']:.1f} s train + "
                  f"{r['eval_s']:.1f} s evaluation), "
                  f"{r['epoch_size']} training images per epoch: set --epoch-size for another data size)")
+    lines.append(f"  projected {r['device'].split(':')[0].upper()}-hours         {r['projected_device_hours']:10.2f} "
+                 f"({r['world_size']} x the projected run)")
     lines += ["", f"  {'phase':<12}{'ms/step':>10}{'%':>8}   (second pass, timed per phase: "
                   f"{r['timed_step_ms']:.1f} ms/step)"]
     for p, v in r["breakdown_ms"].items():

@@ -128,59 +128,87 @@ def mutual_contrast(v: Tensor, pairs: Tensor, labels: Tensor, tau: float, temper
 
 
 def bank_logits(v: Tensor, banks: Tensor, idx: Tensor) -> Tensor:
-    """(n, n, B, 2+K) dot products ``banks[i, idx[b, k]] . v[j, b]``, by the cheaper of two routes.
+    """(n, M, B, 2+K) dot products ``banks[i, idx[b, k]] . v[j, b]``, by the cheaper of two routes.
 
     Gathering the (n, B, 2+K, f) bank rows (the authors' route) moves n·B·(2+K)·f values; scoring every bank
-    row once, (n, n, B, N), and picking the drawn ones moves n²·B·N and runs as one GEMM. The second wins
+    row once, (n, M, B, N), and picking the drawn ones moves n·M·B·N and runs as one GEMM. The second wins
     whenever it is the smaller tensor — Fashion-MNIST or CIFAR with the code's K = 8192: a 4.5x faster MCL
     step on a CPU core (docs/performance.md) — while ImageNet's N = 1.28 M keeps the gather.
+
+    Args:
+        v: (M, B, f) embedding sets (M = n for MCL; every (network, stage) for L-MCL).
+        banks: (n, N, f) banks.
+        idx: (B, 2+K) drawn bank rows of each anchor.
     """
-    (n, b, f), k = v.shape, idx.shape[1]
-    if n * banks.shape[1] <= k * f:
-        scores = einsum32("jbf,inf->ijbn", v, banks)  # (n, n, B, N)
-        return scores.gather(3, idx.expand(n, n, b, k))
+    (m, b, f), (n, k) = v.shape, (banks.shape[0], idx.shape[1])
+    if m * banks.shape[1] <= k * f:
+        scores = einsum32("jbf,inf->ijbn", v, banks)  # (n, M, B, N)
+        return scores.gather(3, idx.expand(n, m, b, k))
     mem = banks[:, idx.reshape(-1)].view(n, b, k, f)  # (n, B, 2+K, f)
     return einsum32("ibkf,jbf->ijbk", mem, v)
 
 
 def bank_contrast(v: Tensor, banks: Tensor, idx: Tensor, tau: float, temperature: float,
-                  terms: tuple[str, ...] = TERMS) -> dict[str, Tensor]:
-    """Memory-bank VCL / ICL / Soft VCL / Soft ICL (MCL's ImageNet form, ``imagenet_sup_mcl_loss.py``).
+                  terms: tuple[str, ...] = TERMS, pairs: Tensor | None = None, owner: Tensor | None = None,
+                  weights: Tensor | None = None, vcl_once: bool = True, vcl_bank: str = "own") -> dict[str, Tensor]:
+    """Memory-bank VCL / ICL / Soft VCL / Soft ICL: MCL's ImageNet form (``imagenet_sup_mcl_loss.py``) and,
+    with ``pairs`` / ``owner`` / ``weights``, L-MCL's (``imagenet_sup_layer_mcl_meta_loss.py``).
 
     ``idx[:, 0]`` is each anchor's own dataset index, ``idx[:, 1]`` one same-class index, the rest
-    different-class negatives. With ``L_ij = M_i[idx] . v_j / tau`` (bank of network i, live embedding of
-    network j), for i < j: ICL ``l(L_ij) + l(L_ji)`` with positives = the first two entries;
-    Soft ICL ``KD_T(L_ij <- sg L_ji) + KD_T(L_ji <- sg L_ij)``; for every m: VCL ``l(L_mm[:, 1:])`` with the
-    same-class entry as the positive; for i != j: Soft VCL ``KD_T(L_ii[:, 1:] <- sg L_jj[:, 1:])``.
+    different-class negatives. ``L(i, p) = M_i[idx] . v_p / tau`` scores embedding set p against the bank of
+    network i; ``L'`` is the same without the own index (``idx[:, 1:]``). For every pair (p, q) of embedding
+    sets, of networks a = owner[p], b = owner[q]:
+
+    * ICL ``l(L(a, q)) + l(L(b, p))``, positives = the first two entries (own and same-class index);
+    * Soft ICL ``KD_T(L(a, q) <- sg L(b, p)) + KD_T(L(b, p) <- sg L(a, q))``;
+    * VCL ``l(L'(a, p)) + l(L'(c, q))``, the same-class entry the positive, with c = b (``vcl_bank=own``:
+      each set against its own network's bank) or c = a (``vcl_bank=code``: L-MCL's ImageNet code scores
+      both sets of the pair against network a's bank); ``vcl_once`` (MCL): ``sum_p l(L'(owner[p], p))``
+      over the sets instead, once each and unweighted;
+    * Soft VCL ``KD_T(L'(a, p) <- sg L'(c, q)) + KD_T(L'(c, q) <- sg L'(a, p))``.
 
     Args:
-        v: (n, B, f) live normalised embeddings.
+        v: (M, B, f) live normalised embeddings.
         banks: (n, N, f) memory banks (no gradient).
         idx: (B, 2 + K) long dataset indices.
         tau, temperature, terms: as :func:`mutual_contrast`.
+        pairs: (P, 2) pairs of embedding sets; default every p < q (MCL's networks).
+        owner: (M,) the network (bank) of each embedding set; default set m is network m.
+        weights: optional (P, B) weights of each pair's anchor rows (L-MCL layer matching), every term.
+        vcl_once: MCL's VCL, once per embedding set; else once per pair and set, weighted.
+        vcl_bank: ``own`` or ``code``, see above.
     """
-    n = v.shape[0]
-    logits = bank_logits(v, banks.detach(), idx) / tau  # (n, n, B, 2+K)
-    i, j = torch.triu_indices(n, n, 1, device=v.device)
+    m = v.shape[0]
+    logits = bank_logits(v, banks.detach(), idx) / tau  # (n, M, B, 2+K)
+    if pairs is None:
+        pairs = torch.triu_indices(m, m, 1, device=v.device).T
+    if owner is None:
+        owner = torch.arange(m, device=v.device)
+    p, q = pairs[:, 0], pairs[:, 1]
+    a, b = owner[p], owner[q]
+    c = a if vcl_bank == "code" else b
+    k2, n_rows = logits.shape[-1], 2 * len(p)
+    w2 = None if weights is None else torch.cat([weights, weights]).reshape(-1)  # (2P*B,)
     out: dict[str, Tensor] = {}
     if "icl" in terms or "soft_icl" in terms:
-        cross = torch.cat([logits[i, j], logits[j, i]]).reshape(-1, logits.shape[-1])  # (2P*B, 2+K)
+        cross = torch.cat([logits[a, q], logits[b, p]]).reshape(-1, k2)  # (2P*B, 2+K)
         if "icl" in terms:
             pos = torch.zeros_like(cross[:1], dtype=torch.bool)
             pos[:, :2] = True  # own index and the same-class index
-            out["icl"] = 2 * len(i) * supcon(cross, pos, torch.ones_like(pos))
+            out["icl"] = n_rows * supcon(cross, pos, torch.ones_like(pos), w2)
         if "soft_icl" in terms:
-            target = torch.cat([logits[j, i], logits[i, j]]).reshape(cross.shape)
-            out["soft_icl"] = 2 * len(i) * kd_kl(cross, target, temperature)
-    own = torch.arange(n, device=logits.device)
-    within = logits[own, own, :, 1:]  # (n, B, 1+K): own index left out
-    if "vcl" in terms:
-        rows = within.reshape(-1, within.shape[-1])
-        pos = torch.zeros_like(rows[:1], dtype=torch.bool)
-        pos[:, 0] = True
-        out["vcl"] = n * supcon(rows, pos, torch.ones_like(pos))
-    if "soft_vcl" in terms:
-        a, c = torch.cat([i, j]), torch.cat([j, i])  # every ordered pair a != c
-        out["soft_vcl"] = len(a) * kd_kl(within[a].reshape(-1, within.shape[-1]),
-                                         within[c].reshape(-1, within.shape[-1]), temperature)
+            target = torch.cat([logits[b, p], logits[a, q]]).reshape(cross.shape)
+            out["soft_icl"] = n_rows * kd_kl(cross, target, temperature, weights=w2)
+    if "vcl" in terms or "soft_vcl" in terms:
+        within = torch.cat([logits[a, p, :, 1:], logits[c, q, :, 1:]]).reshape(-1, k2 - 1)  # own index left out
+        pos = torch.zeros_like(within[:1], dtype=torch.bool)
+        pos[:, 0] = True  # the same-class index
+        if "vcl" in terms and vcl_once:
+            own = logits[owner, torch.arange(m, device=v.device), :, 1:].reshape(-1, k2 - 1)  # (M*B, 1+K)
+            out["vcl"] = m * supcon(own, pos, torch.ones_like(pos))
+        elif "vcl" in terms:
+            out["vcl"] = n_rows * supcon(within, pos, torch.ones_like(pos), w2)
+        if "soft_vcl" in terms:
+            target = torch.cat([logits[c, q, :, 1:], logits[a, p, :, 1:]]).reshape(within.shape)
+            out["soft_vcl"] = n_rows * kd_kl(within, target, temperature, weights=w2)
     return out

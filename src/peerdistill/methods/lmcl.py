@@ -2,6 +2,7 @@
 spec §3.2; code winycg/L-MCL ``main_layer_mcl_cifar_meta.py``)."""
 from __future__ import annotations
 
+
 import dataclasses
 
 import torch
@@ -10,12 +11,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.mix import MixRecord
-from ..data.samplers import MPerClassSampler
+from ..data.samplers import MPerClassSampler, Sampler
 from ..data.views import View
+from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
 from .base import (METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord, all_ranks, global_batch,
                    world_size)
-from .contrastive import TERMS, ProjectionHead, mutual_contrast
+from .bank import MemoryBank
+from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
 from .functional import kd_kl
 from .lmcl_parts import AuxBranch, PairWeights, StageAggregator
 from .meta import all_reduce_mean, nesterov_sgd_, unrolled_hypergradient
@@ -40,7 +43,7 @@ class _Unrolled(nn.Module):
 
 
 @METHODS.register("lmcl")
-class LMCL(Method):
+class LMCL(MemoryBank, Method):
     """MCL on every stage: each network gets auxiliary branches (fresh copies of its later stages fed by
     each earlier stage, + GAP + FC), a projection head per (network, stage), and a stage aggregator; the
     VCL / ICL / Soft VCL / Soft ICL block runs over every ordered pair of networks and every pair of
@@ -56,12 +59,21 @@ class LMCL(Method):
     weights (the ablation). Evaluated heads: each backbone, ``ensemble``, and with ``eval_branches`` every
     auxiliary branch (``aux{m}_{stage}``) and aggregator (``agg{m}``).
 
+    Memory-bank form (``contrast=bank``, the ImageNet code ``imagenet_sup_layer_mcl_meta_loss.py``): one
+    bank per network (MCL's, :class:`~peerdistill.methods.bank.MemoryBank`), updated after the step with
+    the network's final-stage projected embeddings; every (network, stage) embedding is contrasted against
+    the banks by :func:`~peerdistill.methods.contrastive.bank_contrast`, each pair's rows weighted by the
+    layer-matching weights; random batches, no mixer. The ImageNet code's constants are the bank form's
+    defaults: tau = 0.07, alpha = beta = 0.01, a meta step every 500 batches.
+
     Args:
-        alpha: weight of VCL. beta: of ICL. gamma: of Soft VCL. lam: of Soft ICL.
-        tau: contrastive temperature. temperature: T of the soft terms and the logit KD.
+        alpha: weight of VCL; default 0.1 in-batch, 0.01 with the bank. beta: of ICL (same defaults).
+        gamma: of Soft VCL. lam: of Soft ICL.
+        tau: contrastive temperature; default 0.1 in-batch, 0.07 with the bank.
+        temperature: T of the soft terms and the logit KD.
         feat_dim: projection width.
         meta: learn the layer-matching weights (False: all weights 1).
-        meta_freq: a meta step every this many batches of an epoch.
+        meta_freq: a meta step every this many batches of an epoch; default 50 in-batch, 500 with the bank.
         times: virtual inner steps per meta step.
         meta_momentum: momentum of the virtual SGD and of the weight network's optimizer.
         instance_positive: ICL counts the same image in the other network as a positive.
@@ -69,24 +81,49 @@ class LMCL(Method):
         meta_batch: under torchrun, the batch of the meta step: ``global`` (every process gathers the
             global batch and computes the one-process hyper-gradient on it: N times the meta step's compute
             and memory per process) or ``local`` (each process on its own rows, the hyper-gradients
-            averaged: not the one-process value). No effect in one process.
+            averaged: not the one-process value). No effect in one process; the bank form's meta step is
+            always per process (its bank draws are the process's own rows), averaged.
         sampling: ``epoch`` (every image once per epoch) or ``per_batch`` (classes and images drawn afresh
             for every batch, the code's ``MPerClassSampler``); the same 2-per-class batches either way.
+        contrast: ``batch`` (SupCon in the batch, the CIFAR code) or ``bank`` (memory bank, the ImageNet code).
+        neg_k: bank negatives per sample (code 8192).
+        bank_momentum: bank update ``M[i] <- normalise(m M[i] + (1 - m) v_i)``.
+        vcl_bank: bank form, which bank the second set of a pair is scored against in VCL / Soft VCL:
+            ``own`` (its own network's) or ``code`` (the first network's, as the ImageNet code does).
     """
 
-    def __init__(self, alpha: NonNegative = 0.1, beta: NonNegative = 0.1, gamma: NonNegative = 1.0,
-                 lam: NonNegative = 1.0, tau: Positive = 0.1, temperature: Positive = 3.0,
-                 feat_dim: PositiveInt = 128, meta: bool = True, meta_freq: PositiveInt = 50,
+    def __init__(self, alpha: NonNegative | None = None, beta: NonNegative | None = None, gamma: NonNegative = 1.0,
+                 lam: NonNegative = 1.0, tau: Positive | None = None, temperature: Positive = 3.0,
+                 feat_dim: PositiveInt = 128, meta: bool = True, meta_freq: PositiveInt | None = None,
                  times: PositiveInt = 2, meta_momentum: Decay = 0.9, instance_positive: bool = False,
                  eval_branches: bool = True, sampling: Literal["epoch", "per_batch"] = "epoch",
+                 contrast: Literal["batch", "bank"] = "batch", neg_k: PositiveInt = 8192,
+                 bank_momentum: Decay = 0.5, vcl_bank: Literal["own", "code"] = "own",
                  meta_batch: Literal["global", "local"] = "global") -> None:
         super().__init__()
-        self.weights = dict(zip(TERMS, (alpha, beta, gamma, lam)))
-        self.tau, self.temperature, self.feat_dim, self.meta = tau, temperature, feat_dim, meta
-        self.meta_freq, self.times, self.meta_momentum = meta_freq, times, meta_momentum
+        bank = contrast == "bank"
+        if bank and instance_positive:
+            raise PeerdistillError("method.instance_positive applies to contrast=batch; the bank's ICL "
+                                   "already counts the own index as a positive")
+        if bank and sampling != "epoch":
+            raise PeerdistillError("method.sampling applies to contrast=batch; the bank form draws random batches")
+        if not bank and vcl_bank != "own":
+            raise PeerdistillError("method.vcl_bank applies to contrast=bank")
+        small = 0.01 if bank else 0.1  # the ImageNet code's alpha = beta = 0.01, the CIFAR code's 0.1
+        self.weights = dict(zip(TERMS, (small if alpha is None else alpha, small if beta is None else beta,
+                                        gamma, lam)))
+        self.tau = tau if tau is not None else (0.07 if bank else 0.1)  # code defaults
+        self.temperature, self.feat_dim, self.meta = temperature, feat_dim, meta
+        self.meta_freq = meta_freq if meta_freq is not None else (500 if bank else 50)
+        self.times, self.meta_momentum = times, meta_momentum
         self.instance_positive, self.eval_branches, self.meta_batch = instance_positive, eval_branches, meta_batch
-        self.needs = Needs(min_peers=2, taps=("*",), sampler=MPerClassSampler(2, sampling == "per_batch"))
+        self.bank, self.neg_k, self.bank_momentum, self.vcl_bank = bank, neg_k, bank_momentum, vcl_bank
+        sampler = Sampler() if bank else MPerClassSampler(2, sampling == "per_batch")
+        # the bank keeps one embedding per training image: a mixed image's embedding is not that image's
+        self.needs = Needs(min_peers=2, taps=("*",), sampler=sampler, mixing=not bank)
         self.weight_net: PairWeights | None = None
+        self.seed = 0
+        self._pending: tuple[Tensor, Tensor] | None = None  # (index, final-stage v) for the bank update
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -105,6 +142,12 @@ class LMCL(Method):
         pairs = [(self.offsets[a] + k, self.offsets[b] + z) for a in range(len(nets)) for b in range(len(nets))
                  if a != b for k in range(depth[a]) for z in range(depth[b])]
         self.register_buffer("pairs", torch.tensor(pairs, dtype=torch.long), persistent=False)
+        owner = [m for m, s in enumerate(depth) for _ in range(s)]  # the network of each (network, stage)
+        self.register_buffer("owner", torch.tensor(owner, dtype=torch.long), persistent=False)
+        self.register_buffer("finals", torch.tensor([o + s - 1 for o, s in zip(self.offsets, depth)]),
+                             persistent=False)  # each network's backbone stage: what its bank stores
+        if self.bank:
+            self.setup_bank(len(nets), data, "lmcl")
         if self.meta:
             self.weight_net = PairWeights([net.num_features for net, s in zip(nets, depth) for _ in range(s)],
                                            self.pairs.clone()).requires_grad_(False)  # updated by the meta step only
@@ -129,10 +172,19 @@ class LMCL(Method):
         """(M, B, f) normalised embeddings of every (network, stage), flat in network-major order."""
         return torch.stack([self.proj[self.offsets[m] + k](h) for m, fs in enumerate(feats) for k, h in enumerate(fs)])
 
-    def contrast(self, v: Tensor, w: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
-        raw = mutual_contrast(v, self.pairs, labels, self.tau, self.temperature, self.active, weights=w,
-                              instance_positive=self.instance_positive)
+    def contrast(self, v: Tensor, w: Tensor | None, labels: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
+        """The weighted contrastive terms: in-batch, or against the banks with the drawn indices ``idx``."""
+        if idx is not None:
+            raw = bank_contrast(v, self.banks, idx, self.tau, self.temperature, self.active, pairs=self.pairs,
+                                owner=self.owner, weights=w, vcl_once=False, vcl_bank=self.vcl_bank)
+        else:
+            raw = mutual_contrast(v, self.pairs, labels, self.tau, self.temperature, self.active, weights=w,
+                                  instance_positive=self.instance_positive)
         return {k: self.weights[k] * raw[k] for k in self.active}
+
+    def bank_indices(self, rec: StepRecord) -> Tensor | None:
+        """The step's bank draws (a function of the step: the meta step sees the same ones), or None."""
+        return self.draw_indices(rec.index, rec.step) if self.bank else None
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         feats, logits = self.stages(rec.outputs)
@@ -149,14 +201,23 @@ class LMCL(Method):
             if self.weight_net is not None:
                 with torch.no_grad():
                     w = self.weight_net([h.detach() for fs in feats for h in fs])  # (P, B)
-                (w,) = global_batch(w, dim=1)
-            # the whole global batch contrasts, as in one process (gathered with gradient under torchrun)
-            (v,), (labels,) = global_batch(self.project(feats), dim=1), global_batch(rec.labels)
-            terms.update(self.contrast(v, w, labels))
+            v = self.project(feats)
+            if self.bank:  # per-sample terms against the banks: a mean over local rows, averaged by DDP
+                terms.update(self.contrast(v, w, rec.labels, self.bank_indices(rec)))
+                self._pending = (rec.index, v[self.finals].detach())
+            else:  # the whole global batch contrasts, as in one process (gathered with gradient under torchrun)
+                if w is not None:
+                    (w,) = global_batch(w, dim=1)
+                (v_all,), (labels,) = global_batch(v, dim=1), global_batch(rec.labels)
+                terms.update(self.contrast(v_all, w, labels))
         return terms
 
     # ------------------------------------------------------------------ meta step
     def update(self, rec: StepRecord) -> None:
+        if self._pending is not None:  # the bank first: the code's meta step sees the updated memory
+            index, v = self._pending
+            self._pending = None
+            self.update_bank(index, v)
         if self.weight_net is not None and self.active and (rec.step % rec.steps_per_epoch) % self.meta_freq == 0:
             self.meta_step(rec)
 
@@ -165,7 +226,7 @@ class LMCL(Method):
         by ``meta_batch``), then one Nesterov SGD step of the weight network
         (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
         lr = rec.lr  # the virtual steps and the weight network follow the run's schedule, as in the code
-        if self.meta_batch == "global" and world_size() > 1:
+        if self.meta_batch == "global" and world_size() > 1 and not self.bank:
             grads = self.hypergradient(global_record(rec), lr)  # the same on every rank
         else:
             grads = all_reduce_mean(self.hypergradient(rec, lr))
@@ -177,7 +238,7 @@ class LMCL(Method):
     def hypergradient(self, rec: StepRecord, lr: float) -> dict[str, Tensor]:
         """d CE(theta') / d weight-network parameters, theta' = ``times`` virtual steps on the weighted
         contrastive loss + one on the CE of all stages, from the current networks and projection heads."""
-        model, x, labels = self._unrolled, rec.views[0].x, rec.labels
+        model, x, labels, idx = self._unrolled, rec.views[0].x, rec.labels, self.bank_indices(rec)
         theta = {k: p for k, p in model.named_parameters() if p.requires_grad}
         fixed = {k: p for k, p in model.named_parameters() if not p.requires_grad}
         buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN statistics move on copies only
@@ -188,7 +249,7 @@ class LMCL(Method):
         def inner(th: dict[str, Tensor], lam: dict[str, Tensor]) -> Tensor:
             feats, _, v = run(th, True)
             w = functional_call(self.weight_net, lam, ([h for fs in feats for h in fs],))
-            return torch.stack(list(self.contrast(v, w, labels).values())).sum()
+            return torch.stack(list(self.contrast(v, w, labels, idx).values())).sum()
 
         def outer(th: dict[str, Tensor]) -> Tensor:
             _, logits, _ = run(th, False)

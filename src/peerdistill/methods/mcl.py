@@ -1,24 +1,20 @@
 """MCL: mutual contrastive learning for online KD (Yang et al., AAAI 2022 / TPAMI 2023; spec §3.1)."""
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.samplers import MPerClassSampler, Sampler
 from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
-from ..seeds import seed_stream
-from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, all_ranks, global_batch, world_size
+from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, global_batch
+from .bank import MemoryBank
 from .contrastive import TERMS, ProjectionHead, bank_contrast, mutual_contrast
 from .functional import kd_kl, mean_logits
 
 
 @METHODS.register("mcl")
-class MCL(Method):
+class MCL(MemoryBank, Method):
     """N peers, each with a projection head (pooled feature -> 128-d unit vector), trained with CE plus
     contrastive terms within (VCL) and across (ICL) networks and the transfer of contrastive
     distributions (Soft VCL / Soft ICL): ``L = sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL``.
@@ -94,40 +90,7 @@ class MCL(Method):
     def setup(self, cohort: nn.Module, data: DataInfo) -> None:
         self.proj = nn.ModuleList(ProjectionHead(net.num_features, self.feat_dim) for net in cohort.nets)
         if self.contrast == "bank":
-            self._setup_bank(len(cohort), data)
-
-    def _setup_bank(self, n: int, data: DataInfo) -> None:
-        """Banks U(-s, s), s = 1/sqrt(f/3) (code ``ContrastMemory``), and class-sorted index tables."""
-        labels = data.train_labels.long()
-        counts = torch.bincount(labels, minlength=data.num_classes)
-        if int(counts[counts > 0].min()) < 2:
-            raise PeerdistillError("method 'mcl' with contrast=bank needs at least 2 training images per class")
-        self.seed = torch.initial_seed()  # the run's seed (seed_everything ran before setup)
-        g = torch.Generator().manual_seed(self.seed)
-        s = 1.0 / math.sqrt(self.feat_dim / 3)
-        self.register_buffer("banks", torch.rand(n, data.train_size, self.feat_dim, generator=g) * (2 * s) - s)
-        order = torch.argsort(labels, stable=True)
-        for name, t in (("labels", labels), ("order", order), ("start", torch.cumsum(counts, 0) - counts),
-                        ("count", counts), ("rank", torch.empty_like(order).scatter_(0, order, torch.arange(len(order))))):
-            self.register_buffer(f"cls_{name}", t, persistent=False)  # derived from the data, not saved
-
-    def draw_indices(self, index: Tensor, step: int) -> Tensor:
-        """(B, 2 + neg_k) bank indices: own, one same-class other index, ``neg_k`` different-class ones
-        (with replacement), from a generator seeded by (run seed, step), so resume is exact. Under torchrun
-        the draws are made for the global batch and this rank keeps rows ``rank::world`` (its rows of the
-        global batch, as the augmentation draws): the same negatives as one process."""
-        world = world_size()
-        rank = tdist.get_rank() if world > 1 else 0
-        g = torch.Generator(device=index.device).manual_seed(seed_stream(self.seed, step) % 2**63)
-        y = self.cls_labels[index]
-        start, cnt, n = self.cls_start[y], self.cls_count[y], self.cls_labels.numel()
-        u = torch.rand(len(index) * world, 1 + self.neg_k, generator=g, device=index.device)[rank::world]
-        pos = start + torch.minimum((u[:, 0] * (cnt - 1)).long(), cnt - 2)  # class positions but one
-        pos = pos + (pos >= self.cls_rank[index]).long()  # ... skipping the anchor's own position
-        span = (n - cnt).unsqueeze(1)
-        neg = torch.minimum((u[:, 1:] * span).long(), span - 1)  # positions outside the class block
-        neg = neg + cnt.unsqueeze(1) * (neg >= start.unsqueeze(1)).long()
-        return torch.cat([index.unsqueeze(1), self.cls_order[pos].unsqueeze(1), self.cls_order[neg]], 1)
+            self.setup_bank(len(cohort), data, "mcl")
 
     def losses(self, rec: StepRecord) -> dict[str, Tensor]:
         out, n = rec.outputs, len(rec.outputs)
@@ -158,16 +121,12 @@ class MCL(Method):
         # main_cifar.py: the mean detached; both nets of a pair, else only the last net
         return {f"kd{i}": kd_kl(logits[i], z_bar, t) for i in (range(n) if n == 2 else [n - 1])}
 
-    @torch.no_grad()
     def update(self, rec: StepRecord) -> None:
         """Bank update with this step's embeddings (all ranks' rows under torchrun, so banks agree)."""
-        if self._pending is None:
-            return
-        index, v = self._pending
-        self._pending = None
-        (index,), (v,) = all_ranks(index), all_ranks(v, dim=1)
-        mu = self.bank_momentum
-        self.banks[:, index] = F.normalize(mu * self.banks[:, index] + (1 - mu) * v, dim=2)
+        if self._pending is not None:
+            index, v = self._pending
+            self._pending = None
+            self.update_bank(index, v)
 
     def eval_heads(self, outputs: list[PeerOutput], ema: list[PeerOutput] | None = None) -> dict[str, Tensor]:
         heads = super().eval_heads(outputs, ema)

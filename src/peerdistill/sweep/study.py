@@ -4,6 +4,7 @@ A study file is YAML (see ``docs/studies.md``)::
 
     name: fmnist-cohorts            # default: the file's stem
     base: configs/fmnist/dml.yaml   # a preset (relative to the study file, else to the current folder)
+                                    # (a named row may name its own: ``preset: configs/...``)
     config: {epochs: 2, data.train_subset: 5000}   # inline keys, applied after the preset
     grid:                           # a Cartesian product; a list means alternatives
       method: [independent, dml]
@@ -257,6 +258,12 @@ def _named_rows(value: Any) -> list[tuple[str | None, dict[str, Any]]] | None:
 
 def _row_choice(axis: str, name: str | None, overrides: dict[str, Any], path: Path) -> Choice:
     for key in overrides:
+        if key == "preset":  # the row's own base preset instead of the study's ``base:``
+            if not isinstance(overrides[key], str) or not overrides[key]:
+                raise PeerdistillError(f"{path}: {axis} row {name or overrides!r}: preset must be a file name, "
+                                       f"got {overrides[key]!r}")
+            _base_path(path, overrides[key])
+            continue
         if not _is_config_key(key):
             valid = [f.name for f in fields(C.Config)]
             raise PeerdistillError(f"{path}: unknown config key {key!r} in {axis} row {name or overrides!r}"
@@ -279,9 +286,9 @@ def _check_no_overlap(axes: list[tuple[str, list[Choice]]], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ configs
-def _base_config(study: Study) -> C.Config:
+def _base_config(study: Study, preset: Path | None = None) -> C.Config:
     try:
-        cfg = C.load(study.base)
+        cfg = C.load(preset or study.base)
         for key, value in study.base_config.items():
             C.set_key(cfg, str(key), copy.deepcopy(value))
     except PeerdistillError as e:
@@ -292,10 +299,13 @@ def _base_config(study: Study) -> C.Config:
 def _run(study: Study, base: C.Config, row: Row, seed: int) -> RunSpec:
     from ..engine.build import validate_config
 
-    cfg = copy.deepcopy(base)
     name = run_name(row, seed)
+    overrides = row.overrides
+    preset = overrides.pop("preset", None)
+    # a row's own preset, then the study's inline config, then the row's keys
+    cfg = copy.deepcopy(base) if preset is None else _base_config(study, _base_path(study.path, preset))
     # Component names before their arguments (``method=one`` resets the arguments ``method.x`` sets).
-    for key, value in sorted(row.overrides.items(), key=lambda kv: kv[0].count(".")):
+    for key, value in sorted(overrides.items(), key=lambda kv: kv[0].count(".")):
         try:
             C.set_key(cfg, key, copy.deepcopy(value))
         except PeerdistillError as e:
