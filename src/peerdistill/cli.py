@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import config as C
+from . import plugins
 from .commands import add_all
 from .errors import PeerdistillError
 from .params import NonNegativeInt, Option, PositiveInt
@@ -145,6 +146,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        plugins.load_entry_points()  # installed packages' models, methods, ... for every command
         args = parse(argv)
         code = args.fn(args)  # a command may return its exit status (sweep: 1 if a run did not finish)
     except PeerdistillError as e:
