@@ -60,8 +60,8 @@ def _import(spec: str) -> None:
         if not path.is_file():
             raise PeerdistillError(f"plugin file {spec} does not exist")
         name = f"peerdistill_plugin_{path.stem}_{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
-        if name in sys.modules:
-            return
+        if name in sys.modules or any(getattr(m, "__file__", None) == spec for m in list(sys.modules.values())):
+            return  # imported already (perhaps by the user's script, under its own module name)
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.samplers import MPerClassSampler
+from ..errors import PeerdistillError
 from ..params import Decay, Literal, NonNegative, Positive, PositiveInt
 from .base import METHODS, DataInfo, Method, Needs, ParamGroup, PeerOutput, StepRecord
 from .contrastive import TERMS, ProjectionHead, mutual_contrast
