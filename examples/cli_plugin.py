@@ -23,6 +23,6 @@ print(next(line for line in (run / "config.yaml").read_text().splitlines() if "p
 print(peerdistill("eval", str(run))[-300:])  # a new process: the stored config imports the plugin again
 print(peerdistill("train", "--resume", str(run))[-80:])  # finished: nothing to train
 (out / "study.yaml").write_text(f"name: plugin-study\nbase: {run / 'config.yaml'}\nconfig: {{epochs: 1}}\n"
-                                f"rows:\n  - {{name: dml, method: dml}}\n  - {{name: kdcl, method: kdcl}}\n"
+                                f"rows:\n  - {{name: kdcl, method: kdcl}}\n"
                                 f"seeds: 1\nout: {out / 'study'}\nheads: [peers]\nmetrics: [top1]\n")
 print(peerdistill("sweep", str(out / "study.yaml"), "--slots", "1", "--threads", "1")[-600:])

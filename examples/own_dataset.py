@@ -26,7 +26,7 @@ class Stripes(Dataset):  # a map-style Dataset of yours: (image in [0, 1], label
 
 @pd.DATASETS.register("stripes")
 def stripes(root=None):
-    return from_torch(Stripes(192, seed=0), Stripes(96, seed=1), classes=["2", "3", "4"], crop_padding=2)
+    return from_torch(Stripes(160, seed=0), Stripes(64, seed=1), classes=["2", "3", "4"], crop_padding=2)
 
 
 out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()

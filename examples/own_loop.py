@@ -25,11 +25,11 @@ class SmallCNN(nn.Module):  # any nn.Module with timm's forward_features / forwa
 
 torch.manual_seed(0)
 images, labels = torch.randn(64, 1, 28, 28), torch.arange(64) % 10  # your data here
-images += labels.view(-1, 1, 1, 1) * 0.3  # learnable
+images += labels.view(-1, 1, 1, 1) * 0.5  # learnable
 for method, params in [("dml", {"temperature": 2.0}), ("mcl", {"feat_dim": 32}), ("pcl", {"rampup_epochs": 0})]:
-    d = Distiller([SmallCNN(16), SmallCNN(24)], method, input_shape=(1, 28, 28), **params)
+    d = Distiller([SmallCNN(8), SmallCNN(12)], method, input_shape=(1, 28, 28), **params)
     opt = torch.optim.SGD(d.parameters(), lr=0.05, momentum=0.9)
-    for step in range(4):
+    for epoch in range(3):
         for k in range(0, 64, 32):
             terms = d.losses(images[k:k + 32], labels[k:k + 32])  # named terms + "total" (CE included)
             opt.zero_grad()

@@ -201,3 +201,19 @@ def test_examples_run(script: str, tmp_path: Path) -> None:
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
+
+
+def test_entry_point_plugins(tmp_path: Path) -> None:
+    """An installed package's entry point (group peerdistill.plugins) is imported by every command."""
+    (tmp_path / "fakeplug.py").write_text(
+        "from peerdistill.methods import METHODS\nfrom peerdistill.methods.dml import DML\n\n"
+        "@METHODS.register('dml_fake')\nclass DMLFake(DML):\n    '''DML under another name (a test plugin).'''\n")
+    info = tmp_path / "fakeplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[peerdistill.plugins]\nfake = fakeplug\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1] / 'src'}"}
+    done = subprocess.run([sys.executable, "-m", "peerdistill", "list", "methods"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "dml_fake" in done.stdout

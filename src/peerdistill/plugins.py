@@ -6,13 +6,16 @@ Two ways to name them, both seen by every command (``train``, ``eval``, ``--resu
   stores the list in its ``config.yaml`` (file paths made absolute), so every later command on the run
   imports them again;
 * the entry-point group ``peerdistill.plugins`` of installed packages (``[project.entry-points.
-  "peerdistill.plugins"] mypkg = "mypkg.models"`` in their pyproject.toml): imported once per process.
+  "peerdistill.plugins"] mypkg = "mypkg.models"`` in their pyproject.toml), and the environment variable
+  ``PEERDISTILL_PLUGINS`` (comma-separated modules or files, e.g. for ``peerdistill list``): imported once per
+  process.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 from .errors import PeerdistillError
 
 GROUP = "peerdistill.plugins"
+ENV = "PEERDISTILL_PLUGINS"
 _entry_points_loaded = False
 
 
@@ -43,6 +47,9 @@ def load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    for spec in os.environ.get(ENV, "").split(","):
+        if spec.strip():
+            _import(normalize(spec))
     for ep in entry_points(group=GROUP):
         try:
             ep.load()

@@ -3,8 +3,10 @@
 A thin owner of the engine's own pieces: the method (its ``make_views``, ``losses``, ``update``), the
 cohort of peers (:class:`~peerdistill.models.cohort.Cohort`, any ``nn.Module`` through
 :func:`~peerdistill.models.adapt.adapt`), the EMA copy (:class:`~peerdistill.engine.ema.EMA`), the frozen
-teacher (:func:`~peerdistill.engine.build.load_teacher`), the mixer and the add-on. It builds the
-:class:`~peerdistill.methods.base.StepRecord` the engine would build for the same inputs, so a method gives
+teacher (:func:`~peerdistill.engine.build.load_teacher`), the mixer and the add-on; the peers' and the
+frozen copies' outputs and the loss terms come from :mod:`peerdistill.engine.step`, the functions the
+engine's trainer calls. It builds the :class:`~peerdistill.methods.base.StepRecord` the engine would build
+for the same inputs, so a method gives
 the same loss terms here as in ``peerdistill train`` (tests/test_api.py checks it step by step for DML).
 """
 from __future__ import annotations
@@ -22,8 +24,9 @@ from ..data.mix import MIXERS
 from ..data.views import ViewContext, Views
 from ..engine.build import load_teacher
 from ..engine.ema import EMA
+from ..engine.step import ema_outputs, loss_terms, peer_outputs, teacher_outputs
 from ..errors import PeerdistillError
-from ..methods import ADDONS, METHODS, DataInfo, Method, PeerOutput, PreTrainContext, StepRecord
+from ..methods import ADDONS, METHODS, DataInfo, Method, PreTrainContext, StepRecord
 from ..models.adapt import adapt, check_peers
 from ..models.cohort import Cohort, branch
 
@@ -194,24 +197,10 @@ class Distiller(nn.Module):
     def record(self, views: Views) -> StepRecord:
         """The :class:`StepRecord` of one step: every peer on its view (with gradient) and on each extra
         input, the EMA copy and the teacher on the same inputs (no gradient)."""
-        taps = self.method.needs.taps
-        outputs = self.cohort([v.x for v in views.peers], taps)
-        extra: dict[str, list[PeerOutput | None]] = {}
-        for name, ex in views.extra.items():
-            with torch.set_grad_enabled(ex.grad and torch.is_grad_enabled()):
-                extra[name] = self.cohort([v.x if v is not None else None for v in ex.views], taps)
-        ema = None
-        if self.ema is not None:
-            with torch.no_grad():
-                self.ema.module.train(self.method.needs.ema_train_mode)
-                ema = self.ema.module([v.x for v in views.peers], taps)
-        teacher, teacher_extra = None, {}
-        if self.teacher is not None:
-            with torch.no_grad():
-                done = {id(x): self.teacher([x])[0] for x in views.tensors()}
-            teacher = [done[id(v.x)] for v in views.peers]
-            teacher_extra = {n: [done[id(v.x)] if v is not None else None for v in ex.views]
-                             for n, ex in views.extra.items()}
+        needs = self.method.needs
+        outputs, extra = peer_outputs(self.cohort, views, needs.taps)
+        ema = ema_outputs(self.ema.module, views.peers, needs.taps, needs.ema_train_mode) if self.ema else None
+        teacher, teacher_extra = teacher_outputs(self.teacher, views) if self.teacher is not None else (None, {})
         return StepRecord(views=views.peers, outputs=outputs, heads=self.cohort.heads, num_classes=self.num_classes,
                           extra=extra, ema=ema, teacher=teacher, teacher_extra=teacher_extra,
                           extra_views={k: e.views for k, e in views.extra.items()},
@@ -232,13 +221,7 @@ class Distiller(nn.Module):
         for a in self.addons:
             a.train()
         rec = self.record(self.views(images, labels, index))
-        terms = self.method.losses(rec)
-        for a in self.addons:
-            more = a.losses(rec, self.method)
-            if set(more) & set(terms):
-                raise PeerdistillError(f"add-on term {sorted(set(more) & set(terms))[0]!r} has the name of a "
-                                       f"term of method {self.name!r}")
-            terms.update(more)
+        terms = loss_terms(self.method, list(self.addons), rec)
         if TOTAL in terms:
             raise PeerdistillError(f"method {self.name!r} has a term named {TOTAL!r}")
         self._rec = rec
