@@ -160,6 +160,36 @@ def test_adapter_hooks_and_timm_style() -> None:
         Distiller([TinyCNN(4, 1, 4) for _ in range(3)], "one", input_shape=(1, 8, 8))
 
 
+class Intermediates(nn.Module):
+    """timm's newer API: forward_intermediates and forward_head, no forward_features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = torch.relu(self.a(x))
+        out = torch.relu(self.b(h))
+        return out, [h, out]
+
+    def forward_head(self, fmap: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        emb = fmap.mean((2, 3))
+        return emb if pre_logits else self.head(emb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_intermediates(x)[0])
+
+
+def test_adapter_forward_intermediates() -> None:
+    net = adapt(Intermediates())
+    net.check(1, (8, 8))
+    assert net.stage_names == ("stage0", "stage1", "features") and net.num_classes == 3
+    d = Distiller([Intermediates()], "byot", input_shape=(1, 8, 8))
+    assert "ce0" in d.losses(torch.randn(4, 1, 8, 8), torch.arange(4) % 3)
+
+
 def test_plugins_in_config_and_engine(tmp_path: Path) -> None:
     plugin = EXAMPLES / "plugin_models.py"
     cfg = load(None, [f"plugins=[{plugin}]", "model=tinycnn", "model.width=4", *TINY_DATA])
