@@ -247,3 +247,18 @@ def test_entry_point_plugins(tmp_path: Path) -> None:
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dml_fake" in done.stdout
+
+
+def test_distiller_mixer_and_per_peer_views() -> None:
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 4
+    d = Distiller([TinyCNN(4, 1, 4), TinyCNN(4, 1, 4)], "dml", input_shape=(1, 8, 8), mixer="cutmix",
+                  mixer_args={"prob": 1.0})
+    views = d.views(x, y)
+    assert views.peers[0].mix is not None and not torch.equal(views.peers[0].x, x)
+    assert torch.isfinite(d.losses(x, y)["total"])
+    d = Distiller([TinyCNN(4, 1, 4), TinyCNN(4, 1, 4)], "kdcl", input_shape=(1, 8, 8), augment=lambda t: t.flip(3))
+    views = d.views(x, y)  # per-peer views: one augment call each
+    assert views.peers[0] is not views.peers[1] and torch.equal(views.peers[1].x, x.flip(3))
+    mine = [x, x + 1]
+    views = d.views(mine, y)  # or the user's own per-peer views
+    assert views.peers[1].x is mine[1]
