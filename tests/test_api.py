@@ -14,13 +14,43 @@ from peerdistill.api import Distiller, adapt, from_torch, losses
 from peerdistill.config import load
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
-from peerdistill.methods import METHODS
+from peerdistill.data import DATASETS
+from peerdistill.data.mix import MIXERS
+from peerdistill.methods import ADDONS, METHODS
 from peerdistill.methods.functional import kd_soft
+from peerdistill.models import MODELS
 from tests.conftest import tiny_cfg
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-from plugin_models import TinyCNN  # noqa: E402
+REGISTRIES = (MODELS, METHODS, ADDONS, MIXERS, DATASETS)
+
+
+@pytest.fixture
+def registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plugins loaded by a test register into copies: other tests see the registries as they were."""
+    for reg in REGISTRIES:
+        monkeypatch.setattr(reg, "_items", dict(reg._items))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+
+
+class TinyCNN(nn.Module):
+    """As examples/plugin_models.py's model (timm's forward_features / forward_head), not registered."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, fmap: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        emb = fmap.mean((2, 3))
+        return emb if pre_logits else self.head(emb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 class Hooked(nn.Module):
@@ -151,7 +181,7 @@ def test_adapter_hooks_and_timm_style() -> None:
         adapt(Hooked(), layers=["layer9"])
     with pytest.raises(PeerdistillError, match="name the layers"):
         adapt(Hooked())
-    timm = adapt(TinyCNN(4, 1, 4), layers=["features.2"])
+    timm = adapt(TinyCNN(4, 1, 4), layers=["features.2"])  # the ReLU after the first conv
     assert timm.stage_names == ("features.2", "features")
     # BYOT reads the tapped stage; a branched method cannot split an adapted model
     d = Distiller([adapt(TinyCNN(4, 1, 4), layers=["features.2"])], "byot", input_shape=(1, 8, 8))
@@ -190,7 +220,7 @@ def test_adapter_forward_intermediates() -> None:
     assert "ce0" in d.losses(torch.randn(4, 1, 8, 8), torch.arange(4) % 3)
 
 
-def test_plugins_in_config_and_engine(tmp_path: Path) -> None:
+def test_plugins_in_config_and_engine(tmp_path: Path, registries: None) -> None:
     plugin = EXAMPLES / "plugin_models.py"
     cfg = load(None, [f"plugins=[{plugin}]", "model=tinycnn", "model.width=4", *TINY_DATA])
     assert cfg.plugins == [str(plugin)]
