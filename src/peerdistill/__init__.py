@@ -7,9 +7,13 @@ Python API::
     summary = pd.train(cfg, out_dir="runs/dml")
     pd.evaluate("runs/dml")
 
+Your own loop, your own models and data (docs/api.md): :class:`peerdistill.api.Distiller`,
+:func:`peerdistill.api.adapt`, :func:`peerdistill.api.from_torch`, the ``plugins`` config key.
+
 Extend it by registering a model (``@pd.MODELS.register``), a method (subclass :class:`Method`,
 ``@pd.METHODS.register``), a dataset source or a mixer.
 """
+from .api import Distiller, adapt, from_torch
 from .config import Component, Config, DataConfig, OptimConfig
 from .config import load as load_config
 from .data import DATASETS
@@ -24,4 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Component", "Config", "DataConfig", "OptimConfig", "load_config", "DATASETS", "MIXERS", "Mixer",
            "MixRecord", "evaluate", "train", "Trainer", "PeerdistillError", "METHODS", "Method", "Needs",
-           "PeerOutput", "StepRecord", "MODELS", "StagedNet", "build_model", "__version__"]
+           "PeerOutput", "StepRecord", "MODELS", "StagedNet", "build_model", "Distiller", "adapt", "from_torch",
+           "__version__"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from . import plugins
 from .commands import add_all
 from .errors import PeerdistillError
 
@@ -44,6 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        plugins.load_entry_points()  # installed packages' models, methods, ... for every command
         args = parse(argv)
         code = args.fn(args)  # a command may return its exit status (sweep: 1 if a run did not finish)
     except PeerdistillError as e:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from . import plugins
 from .errors import PeerdistillError, nearest
 from .params import (Decay, Fraction, Interval, NonNegative, NonNegativeInt, Positive, PositiveInt,
                      check_value)
@@ -132,6 +133,9 @@ class Config:
         wandb: log to Weights & Biases (the ``wandb`` extra).
         progress: show progress while training.
         name: the run's name in the default output folder ``runs/<name>-<time>``.
+        plugins: modules (``mypkg.models``) or ``.py`` files of the user's that register models, methods,
+            mixers, add-ons or dataset sources; imported when the config is read, and again by every command
+            reading the run (docs/api.md).
     """
 
     method: Component = field(default_factory=lambda: Component("dml"))
@@ -160,6 +164,7 @@ class Config:
     wandb: bool = False
     progress: bool = True
     name: str | None = None
+    plugins: list[str] = field(default_factory=list)
 
     @property
     def model_names(self) -> list[str]:
@@ -192,8 +197,12 @@ def from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
             older version: see :func:`upgrade`.
     """
     cfg = Config()
-    for key, value in (upgrade(raw) if stored else raw).items():
-        set_key(cfg, key, value)
+    raw = upgrade(raw) if stored else raw
+    if "plugins" in raw:  # first: the other keys may name what the plugins register
+        set_key(cfg, "plugins", raw["plugins"])
+    for key, value in raw.items():
+        if key != "plugins":
+            set_key(cfg, key, value)
     return cfg
 
 
@@ -306,7 +315,11 @@ def _set_field(obj: Any, path: list[str], value: Any, dotted: str) -> None:
     if len(path) > 1:
         raise PeerdistillError(f"config key {key!r} has no sub-key {'.'.join(path[1:])!r}")
     hint = typing.get_type_hints(type(obj), include_extras=True)[key]
-    setattr(obj, key, _coerce(value, hint, dotted))
+    value = _coerce(value, hint, dotted)
+    if isinstance(obj, Config) and key == "plugins":
+        value = [plugins.normalize(v) for v in value]
+        plugins.load(value)
+    setattr(obj, key, value)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

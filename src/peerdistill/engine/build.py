@@ -18,6 +18,7 @@ from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..metrics.robust_options import options_from_mapping
 from ..models import MODELS
+from ..models.adapt import check_peers
 from ..models.base import check_model_args
 from ..models.cohort import Cohort, build_cohort
 from ..models.pretrained import load_pretrained, split_weights_spec
@@ -171,6 +172,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
     num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused, 1.0 / n if needs.trunk_grad == "mean" else 1.0)
+    check_peers(cohort.nets, in_channels, tuple(splits.train.images.shape[1:3]))
     info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
                     tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
     method.setup(cohort, info)

@@ -31,6 +31,7 @@ from .ema import EMA
 from .heads import evaluated_heads
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
+from .step import ema_outputs, loss_terms, peer_outputs, teacher_outputs
 from .timer import PhaseTimer
 
 
@@ -49,24 +50,12 @@ class StepModule(nn.Module):
         with self.timer("forward"):
             rec = record(*self.outputs(views, taps))
         with self.timer("losses"):
-            terms = self.method.losses(rec)
-            for addon in self.addons:
-                more = addon.losses(rec, self.method)
-                if set(more) & set(terms):
-                    raise PeerdistillError(f"add-on term {sorted(set(more) & set(terms))[0]!r} has the name of a "
-                                           f"term of method {type(self.method).__name__}: rename one of them")
-                terms.update(more)
-            return terms, rec
+            return loss_terms(self.method, list(self.addons), rec), rec
 
 
     def outputs(self, views: Views, taps: tuple[str, ...]) -> tuple[list[PeerOutput], dict[str, list[PeerOutput | None]]]:
         """Every peer on its view (with gradient) and on each extra input (with gradient if it asks)."""
-        outputs = self.cohort([v.x for v in views.peers], taps)
-        extra = {}
-        for name, ex in views.extra.items():
-            with torch.set_grad_enabled(ex.grad and torch.is_grad_enabled()):
-                extra[name] = self.cohort([v.x if v is not None else None for v in ex.views], taps)
-        return outputs, extra
+        return peer_outputs(self.cohort, views, taps)
 
 
 class NonFiniteLoss(PeerdistillError):
@@ -217,16 +206,10 @@ class Trainer:
         return self._forward(batch, lambda views, taps, record: ({}, record(*self.module.outputs(views, taps))))[1]
 
     def _ema_forward(self, views: list[View]) -> list[PeerOutput]:
-        with torch.no_grad():
-            self.ema.module.train(self.method.needs.ema_train_mode)
-            return self.ema.module([v.x for v in views], self.taps)
+        return ema_outputs(self.ema.module, views, self.taps, self.method.needs.ema_train_mode)
 
     def _teacher_forward(self, views: Views) -> tuple[list[PeerOutput], dict[str, list[PeerOutput | None]]]:
-        """The frozen teacher's outputs on every peer view and extra input, once per distinct tensor."""
-        with torch.no_grad():
-            done = {id(x): self.teacher([x])[0] for x in views.tensors()}
-        extra = {name: [done[id(v.x)] if v is not None else None for v in ex.views] for name, ex in views.extra.items()}
-        return [done[id(v.x)] for v in views.peers], extra
+        return teacher_outputs(self.teacher, views)
 
     def before_training(self) -> None:
         """Run the method's before-training hook once per run (a resumed run has already done it)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import PeerdistillError
 from ..models.base import init_weights
 from ..params import Literal, NonNegative, Positive, Probability
 from .base import METHODS, DataInfo, Method, Needs, PeerOutput, StepRecord, world_size
@@ -84,6 +85,9 @@ class BYOT(Method):
 
     def setup(self, cohort: nn.Module, data: DataInfo) -> None:
         net = cohort.nets[0]
+        if len(net.stage_names) < 2:
+            raise PeerdistillError("method 'byot' puts auxiliary classifiers on every stage but the last; this "
+                                   "network has one stage (an adapted model: tap more layers, layers=[...])")
         shapes = stage_shapes(net, data)
         last = shapes[-1][1]
         self.stages = tuple(net.stage_names[:-1])

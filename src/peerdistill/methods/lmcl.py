@@ -131,6 +131,9 @@ class LMCL(MemoryBank, Method):
 
     def setup(self, cohort: nn.Module, data: DataInfo) -> None:
         nets = list(cohort.nets)
+        if not all(getattr(net, "splittable", True) for net in nets):
+            raise PeerdistillError("method 'lmcl' copies each network's stages after every tap into auxiliary "
+                                   "branches; an adapted nn.Module has no stages that can be copied")
         depth = [len(net.stage_names) for net in nets]
         self.offsets = [sum(depth[:m]) for m in range(len(nets))]
         self.branches = nn.ModuleList(nn.ModuleList(AuxBranch(list(net.stages[k + 1:]), net.num_features, data.num_classes)

@@ -94,7 +94,7 @@ class PCL(Method):
         # The peer ensemble teacher (the code's ``en_fc``): one linear layer on the m concatenated GAP
         # embeddings, PyTorch's default init as in the code (its init loop only touches convs and BN).
         self.num_classes = data.num_classes
-        self.ensemble_fc = nn.Linear(len(cohort) * cohort.nets[0].num_features, data.num_classes)
+        self.ensemble_fc = nn.Linear(sum(net.num_features for net in cohort.nets), data.num_classes)
         if self.classifier_init == "copy":  # before the engine copies the cohort into its EMA
             for net in cohort.nets[1:]:
                 net.classifier.load_state_dict(cohort.nets[0].classifier.state_dict())

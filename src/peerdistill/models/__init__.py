@@ -2,9 +2,10 @@
 import importlib
 import pkgutil
 
+from .adapt import Adapted, adapt
 from .base import MODELS, PeerOutput, StagedNet, build_model, init_weights
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["MODELS", "PeerOutput", "StagedNet", "build_model", "init_weights"]
+__all__ = ["Adapted", "adapt", "MODELS", "PeerOutput", "StagedNet", "build_model", "init_weights"]

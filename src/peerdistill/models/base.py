@@ -40,6 +40,9 @@ class PeerOutput:
 class StagedNet(nn.Module):
     """A classifier made of a stem, named stages and a linear head.
 
+    ``splittable``: its stem and stages are separate modules that a branched cohort may share between peers
+    and methods may copy (``False`` for :class:`~peerdistill.models.adapt.Adapted` models).
+
     Args:
         stem: module applied to the input.
         stages: ``(name, module)`` pairs applied in order.
@@ -56,6 +59,8 @@ class StagedNet(nn.Module):
         self.num_features = num_features
         self.num_classes = num_classes
         self.classifier = nn.Linear(num_features, num_classes)
+
+    splittable = True
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Return every stage's output map, in order. The last one is pooled by the head."""
@@ -110,10 +115,16 @@ def build_model(name: str, num_classes: int, in_channels: int, pretrained: str |
             stem, stages and classifier), before any run directory exists.
     """
     net = MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if isinstance(net, nn.Module) and not isinstance(net, StagedNet) and all(
+            callable(getattr(net, f, None)) for f in ("forward_features", "forward_head")):
+        from .adapt import adapt  # timm's convention: the adapter reads it as a StagedNet
+
+        net = adapt(net)
     if not isinstance(net, StagedNet):
         raise PeerdistillError(f"model {name!r} builds a {type(net).__name__}, not a StagedNet: a model must be a "
-                               f"peerdistill.StagedNet (a stem, named stages and a linear classifier) so that "
-                               f"methods can tap its stages, embedding and head")
+                               f"peerdistill.StagedNet (a stem, named stages and a linear classifier), have timm's "
+                               f"forward_features/forward_head, or be returned as peerdistill.adapt(model, "
+                               f"layers=[...]) so that methods can tap its stages, embedding and head")
     if pretrained:
         from .pretrained import load_pretrained
 

@@ -58,7 +58,13 @@ class Cohort(nn.Module):
             if x is None:
                 outs.append(None)
                 continue
-            if self.shared and id(x) in trunk:
+            if not self.shared:  # the model contract: every stage map, then pool and classify the last
+                maps = net.forward_features(x)
+                emb = net.pool(maps[net.stage_names[-1]])
+                keep = maps if "*" in taps else {k: maps[k] for k in taps}
+                outs.append(PeerOutput(net.classifier(emb), emb, keep))
+                continue
+            if id(x) in trunk:
                 h, maps = trunk[id(x)]
                 maps = dict(maps)
             else:
@@ -175,13 +181,24 @@ def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: i
         raise PeerdistillError(f"unknown topology {topology!r}")
     if len(set(names)) > 1:
         raise PeerdistillError("a branched cohort shares its trunk, so all peers must be the same model")
+    return branch(nets, split_after, names[0], fused)
+
+
+def branch(nets: Sequence[StagedNet], split_after: str | None, name: str, fused: bool = False) -> Cohort:
+    """A branched cohort of ``nets`` (one architecture): the stem and the stages up to ``split_after``
+    (default: all but the last) of ``nets[0]`` become every peer's; ``nets`` are changed in place."""
+    if not all(getattr(net, "splittable", True) for net in nets):
+        raise PeerdistillError(f"this method shares a trunk between peers (a branched cohort), but {name!r} is an "
+                               f"adapted nn.Module whose layers cannot be split into a shared stem and stages")
+    if len({type(net) for net in nets}) > 1 or len({net.stage_names for net in nets}) > 1:
+        raise PeerdistillError("a branched cohort shares its trunk, so all peers must be the same model")
     stages = nets[0].stage_names
     if split_after is None:
         shared = len(stages) - 1
     elif split_after in stages[:-1]:
         shared = stages.index(split_after) + 1
     else:
-        raise PeerdistillError(f"cannot split model {names[0]!r} after {split_after!r}; "
+        raise PeerdistillError(f"cannot split model {name!r} after {split_after!r}; "
                                f"choose one of {', '.join(stages[:-1])}")
     for net in nets[1:]:
         net.stem = nets[0].stem
