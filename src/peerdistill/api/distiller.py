@@ -106,6 +106,8 @@ class Distiller(nn.Module):
         if needs.topology == "branched" and all(getattr(n, "splittable", True) for n in nets) and \
                 len({type(n) for n in nets}) == 1:  # the engine's branched cohort: the models are tied in place
             self.cohort = branch(nets, needs.split_after, type(models[0]).__name__)
+            if needs.trunk_grad == "mean":  # the trunk's gradient is the branches' mean, as the engine builds it
+                self.cohort.trunk_grad_scale = 1.0 / len(nets)
         else:
             self.cohort = Cohort(nets)
         self.num_classes = classes.pop()
