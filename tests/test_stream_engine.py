@@ -186,9 +186,9 @@ def test_sharded_evaluation_and_streamed_training_match_one_process(folder, tmp_
     from .test_distributed import _frozen_batch_norm, _result, _torchrun
 
     mem = ["data.name=synthetic", "data.size=64", "data.test_size=50", "data.image_size=16", "model=resnet8",
-           "device=cpu", "precision=fp32", "data.eval_batch_size=8"]
+           "device=cpu", "precision=fp32", "data.eval_batch_size=8", "batch_size=8"]
     stream = [f"data.name=imagefolder", f"data.root={folder}", "data.stream=true", "data.image_size=16",
-              "data.workers=1", "model=resnet8", "device=cpu", "precision=fp32", "data.eval_batch_size=5"]
+              "data.workers=1", "model=resnet8", "device=cpu", "precision=fp32", "batch_size=8", "data.eval_batch_size=5"]
     for name, args in (("mem", mem), ("stream", stream)):
         one = _eval_report(args)
         proc = _torchrun_module([json.dumps(args), str(tmp_path / f"{name}.json")])
@@ -201,7 +201,7 @@ def test_sharded_evaluation_and_streamed_training_match_one_process(folder, tmp_
             assert two[0][head]["nll"] == pytest.approx(m["nll"], rel=1e-6), (name, head)
             assert two[0][head]["ece"] == pytest.approx(m["ece"], rel=1e-5, abs=1e-6), (name, head)
 
-    train = [*stream[:-1], "data.val_split=0.25", "batch_size=8", "epochs=1", "optim.lr=0.05",
+    train = [*stream[:-1], "data.val_split=0.25", "epochs=1", "optim.lr=0.05",
              "tensorboard=false", "progress=false"]
     with monkeypatch.context() as m:
         m.setattr(torch.nn.functional, "batch_norm", _frozen_batch_norm)

@@ -150,6 +150,9 @@ class Evaluated:
         aug = self.trainer.augment
         dev = self.trainer.device
         self.mean, self.std = aug.mean.to(dev).float(), aug.std.to(dev).float()
+        if not isinstance(self.trainer.data.splits.test, ImageSet):
+            raise PeerdistillError("the robustness evaluation needs in-memory data; this run streams its images "
+                                   "(data.stream)")
         self.test: ImageSet = self.trainer.data.splits.test
 
     @property
