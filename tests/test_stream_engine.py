@@ -134,6 +134,21 @@ def test_streamed_run_is_the_same_for_any_worker_count_and_resumes_exactly(folde
         torch.testing.assert_close(_weights(tmp_path / "cut")[k], v, rtol=0, atol=0)
 
 
+def test_shards_stream_like_the_folder_they_were_packed_from(folder, tmp_path):
+    from peerdistill.data.stream.pack import PackOptions, pack
+
+    pack(folder, tmp_path / "p", PackOptions(shard_size=16))
+    args = ("data.name=shards", f"data.root={tmp_path / 'p'}", "data.stream=auto")
+    t = Trainer(stream_cfg(folder, *args))
+    f = Trainer(stream_cfg(folder))
+    assert isinstance(t.data.train, StreamSet) and t.data.train.shape == (3, 16, 16)
+    assert t.data.splits.classes == f.data.splits.classes and len(t.data.test) == len(f.data.test) == 16
+    batch = next(iter(t.train_loader))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 16, 16)
+    with pytest.raises(PeerdistillError, match="always streamed"):
+        Trainer(stream_cfg(folder, *args, "data.stream=false"))
+
+
 def test_streamed_evaluation_is_resize_and_centre_crop(folder):
     t = Trainer(stream_cfg(folder, "data.crop_pct=0.5"))
     batch = next(iter(t.data.test.loader(4, False)))
