@@ -25,7 +25,8 @@ from ..report.text import plural
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
-from .build import cohort_size, load_splits, seed_everything
+from ..data.streamed import StreamSplits
+from .build import cohort_size, load_splits, seed_everything, stream_image_size
 from .distributed import teardown
 from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
 from .trainer import Trainer
@@ -295,8 +296,12 @@ def bare_step_throughput(cfg: Config, steps: int = 20, warmup: int = 5) -> dict[
     channels_last = resolve_channels_last(cfg.channels_last, device, precision)
     configure_backends(device, cfg.deterministic)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    splits = load_splits(cfg)
-    h, w, c = splits.train.images.shape[1:]
+    splits = load_splits(cfg, device)
+    if isinstance(splits, StreamSplits):  # the crops the streamed data would give
+        c, h = splits.channels, stream_image_size(cfg, splits)
+        w = h
+    else:
+        h, w, c = splits.train.images.shape[1:]
     seed_everything(cfg.seed)
     needs = METHODS.build(cfg.method.name, **cfg.method.args).needs
     # The same networks (and shared trunk, for branched methods) the engine would train.
