@@ -44,6 +44,19 @@ class DataConfig:
             of N in proportion to its size (largest remainders, ties to the lower class). 0 = the whole set.
         holdout_classes: classes removed from training and test; their test images become an OOD set.
         eval_batch_size: images per forward pass when evaluating.
+        stream: read the images from their files as they are needed (worker processes decode and crop them)
+            instead of decoding the whole set into memory: ``true``, ``false`` or ``auto`` (stream when the
+            decoded set would take more than half of the free host memory, or of the free GPU memory when
+            training on one). Only sources that read image files can stream (``imagefolder``, ``shards``).
+        workers: streaming: worker processes that decode and crop (default: one per CPU core of this process,
+            less one for the training loop, at least one); 0 decodes in the training process.
+        image_size: side of the square images the networks see (default: the source's own, e.g. 32 for an
+            in-memory ``imagefolder``, 224 for ``shards``); the in-memory ``imagefolder`` and ``synthetic``
+            read it too.
+        crop_pct: streaming evaluation: the shorter side is resized to ``image_size / crop_pct`` (256 for 224 at
+            0.875) and the centre ``image_size`` square is kept.
+        rrc_scale: streaming training: RandomResizedCrop's range of the crop's share of the image's area.
+        rrc_ratio: streaming training: RandomResizedCrop's range of the crop's aspect ratio (width / height).
         args: the source's own parameters (e.g. ``image_size`` of ``imagefolder``), written ``data.<parameter>``
             and checked against the source's signature when the run is built (``peerdistill list datasets``).
     """
@@ -57,6 +70,12 @@ class DataConfig:
     train_subset: NonNegativeInt = 0
     holdout_classes: list[NonNegativeInt] = field(default_factory=list)
     eval_batch_size: PositiveInt = 1000
+    stream: bool | Literal["auto"] = "auto"
+    workers: NonNegativeInt | None = None
+    image_size: Annotated[int, Interval(ge=8)] | None = None
+    crop_pct: Annotated[float, Interval(gt=0, le=1)] = 0.875
+    rrc_scale: list[Annotated[float, Interval(gt=0, le=1)]] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[Positive] = field(default_factory=lambda: [3 / 4, 4 / 3])
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,7 +204,9 @@ class Config:
 COMPONENTS = ("method", "model", "mixer", "addon")
 OPTIONAL = ("mixer", "addon")  # components that may be none
 # Constructor parameters the engine supplies (from the data, or the general data.root), never set as arguments.
-ENGINE_ARGS = {"model": ("num_classes", "in_channels"), "data": ("root",)}
+# A source that declares ``image_size`` gets the general data.image_size (when set), and one that declares ``lazy``
+# can stream: it is asked for a lazy listing (see peerdistill.data.streamed).
+ENGINE_ARGS = {"model": ("num_classes", "in_channels"), "data": ("root", "image_size", "lazy")}
 
 
 def from_dict(raw: dict[str, Any], stored: bool = False) -> Config:

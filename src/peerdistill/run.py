@@ -247,7 +247,8 @@ def finish(trainer: Trainer, out: Path, summary: dict[str, Any], logger: RunLogg
     if trainer.cfg.robustness is not None:  # until eval.json has it, the run is not finished for a sweep
         (out / ROBUST_PENDING).touch()
     write_json(out / "summary.json", summary)
-    rel = trainer.evaluate(trainer.data.test, with_reliability=True)["_reliability"]
+    # rank 0 alone (the other ranks wait at the barrier after the summary)
+    rel = trainer.evaluate(trainer.data.test, with_reliability=True, shard=False)["_reliability"]
     if logger is not None:
         plot_history(logger.history(), out, logger.step_history())
     plot_reliability(rel, out)

@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import PeerdistillError
 from ..params import Interval
 from .base import DATASETS, DatasetSplits, ImageSet, channel_stats
+from .stream import scan_folder
+from .streamed import IMAGENET_MEAN, IMAGENET_STD, StreamSplits, grey_stats, split_dirs
 from .cache import IMAGE_EXTENSIONS, cached_arrays, decode_images, fingerprint, list_images
 
 
@@ -41,18 +43,22 @@ def _split(split_dir: Path, classes: list[str], require_all: bool) -> tuple[list
 
 @DATASETS.register("imagefolder")
 def imagefolder(root: str | None = None, image_size: Annotated[int, Interval(ge=8)] = 32,
-                grayscale: bool = False) -> DatasetSplits:
+                grayscale: bool = False, lazy: bool = False) -> DatasetSplits | StreamSplits:
     """A class-per-folder dataset with ``train/`` and ``test/`` (or ``val/``) subfolders.
 
     Args:
         root: The folder holding ``train/`` and ``test/`` (or ``val/``).
-        image_size: Every image is resized to this square size (aspect ratio not kept).
+        image_size: In memory, every image is resized to this square size (aspect ratio not kept); streamed,
+            the side of the ImageNet protocol's crops (the general ``data.image_size``).
         grayscale: Decode to one channel instead of RGB.
+        lazy: List the files without decoding any (the engine streams them; ``data.stream``).
 
     Returns:
-        Splits whose classes are the sorted train class-folder names and whose mean/std are the
-        per-channel statistics of the decoded training images.
+        In memory: splits whose classes are the sorted train class-folder names and whose mean/std are the
+        per-channel statistics of the decoded training images. Lazy: the listings, with ImageNet's mean/std.
     """
+    if lazy:
+        return _lazy(root, image_size, grayscale)
     if not root:
         raise PeerdistillError("dataset 'imagefolder' needs data.root: a folder holding train/<class>/ "
                                "and test/<class>/ (or val/<class>/) image folders")
@@ -104,3 +110,14 @@ def imagefolder(root: str | None = None, image_size: Annotated[int, Interval(ge=
                          classes, mean=tuple(float(v) for v in a["mean"]),
                          std=tuple(float(v) for v in a["std"]), crop_padding=max(1, image_size // 8),
                          flip=True, meta={"path": str(d), "test_split": test_dir.name}).check("imagefolder")
+
+
+def _lazy(root: str | None, image_size: int, grayscale: bool) -> StreamSplits:
+    train_dir, test_dir = split_dirs(root, "imagefolder")
+    train = scan_folder(train_dir)
+    test = scan_folder(test_dir, train.classes, require_all=False)
+    channels = 1 if grayscale else 3
+    mean, std = grey_stats(IMAGENET_MEAN, IMAGENET_STD, channels)
+    return StreamSplits(train, test, train.classes, channels, image_size, mean, std,
+                        meta={"path": str(train_dir.parent), "test_split": test_dir.name,
+                              "notes": train.notes + test.notes})

@@ -21,11 +21,16 @@ from .samplers import Sampler
 
 @dataclass
 class Batch:
-    """One mini-batch: uint8 images (B, C, H, W), labels (B,), dataset indices (B,)."""
+    """One mini-batch: uint8 images (B, C, H, W), labels (B,), dataset indices (B,).
+
+    Streamed batches also carry ``views``: uint8 (B, V, C, H, W), V independent host crops of each image
+    (``images`` is the first); the trainer hands them out one per augmentation of ``images``.
+    """
 
     images: Tensor
     labels: Tensor
     index: Tensor
+    views: Tensor | None = None
 
 
 class DeviceSet:
@@ -40,6 +45,16 @@ class DeviceSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def loader(self, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+               sampler: Sampler | None = None, views: int = 1) -> DeviceLoader:
+        """A :class:`DeviceLoader` of this set (``views``: unused, the device augments each view)."""
+        return DeviceLoader(self, batch_size, shuffle, seed, rank, world_size, sampler)
+
 
 class DeviceLoader:
     """Yields batches of a :class:`DeviceSet`.
@@ -51,7 +66,8 @@ class DeviceLoader:
             incomplete batch is dropped), else every sample in order (evaluation).
         seed: base seed of the order.
         rank, world_size: shard each epoch across processes (DDP): rank r takes the columns ``r::world``
-            of every global batch, so every rank gets the same number of batches.
+            of every global batch, so every rank gets the same number of batches. Evaluation
+            (``shuffle=False``): rank r takes its contiguous share of the samples.
         sampler: batch composition (:mod:`peerdistill.data.samplers`); random by default.
     """
 
@@ -64,8 +80,9 @@ class DeviceLoader:
         if shuffle:
             self._labels = data.host_labels
             self.sampler.check(self._labels, batch_size * world_size, world_size)
+        self._share = np.array_split(np.arange(len(data)), world_size)[rank]  # evaluation: this rank's samples
         self._n_batches = (len(self.sampler.epoch(self._labels, batch_size * world_size, world_size, seed, 0))
-                           if shuffle else -(-len(data) // batch_size))
+                           if shuffle else -(-len(self._share) // batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,8 +92,9 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.shuffle:
+            lo, n = (int(self._share[0]) if len(self._share) else 0), len(self._share)
             for b in range(len(self)):
-                idx = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(self.data)),
+                idx = torch.arange(lo + b * self.batch_size, lo + min((b + 1) * self.batch_size, n),
                                    device=self.data.labels.device)
                 yield Batch(self.data.images[idx], self.data.labels[idx], idx)
             return

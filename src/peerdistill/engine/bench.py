@@ -25,7 +25,8 @@ from ..text import format_duration, plural
 from ..data.loader import Batch
 from ..methods import METHODS
 from ..models.cohort import build_cohort
-from .build import cohort_size, load_splits, seed_everything
+from ..data.streamed import StreamSplits
+from .build import cohort_size, load_splits, seed_everything, stream_image_size
 from .distributed import teardown
 from .precision import configure_backends, resolve_channels_last, resolve_device, resolve_precision
 from .trainer import Trainer
@@ -104,7 +105,8 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 5, as_json: bool = Fal
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` untimed ones; print and return the report.
 
     Returns a dict with ``images_per_s`` (batch_size x steps / seconds, i.e. images through the whole
-    cohort), ``images_per_s_per_peer``, ``step_ms``, ``breakdown_ms`` / ``breakdown_pct`` per phase,
+    cohort), ``images_per_s_per_peer``, ``data_images_per_s`` (the input pipeline alone: uint8 training
+    batches on the device without the model; with ``data_workers`` when streaming), ``step_ms``, ``breakdown_ms`` / ``breakdown_pct`` per phase,
     ``peak_rss_mb``, ``rss_growth_mb`` over the timed steps, ``gpu_peak_mb`` (CUDA only),
     ``method_state_mb`` (the method's own parameters and buffers: banks, stored predictions, heads) and
     ``ema_mb``, and the config essentials. ``projected_run_s`` assumes ``epoch_size`` training images per
@@ -150,12 +152,15 @@ def _run(trainer: Trainer, steps: int, warmup: int, epoch_size: int | None = Non
     peers = len(trainer.cohort)
     syncs = _host_syncs(trainer, batches) if trainer.device.type == "cuda" else None
     eval_s = _eval_seconds(trainer)
+    data_rate = data_throughput(trainer, steps, warmup)
     size = epoch_size or len(trainer.data.train)
     steps_per_epoch = trainer.steps_per_epoch if epoch_size is None else epoch_size // cfg.batch_size
     epoch_s = steps_per_epoch * seconds / steps
     return {**_essentials(trainer, steps, warmup),
             "images_per_s": cfg.batch_size * steps / seconds,
             "images_per_s_per_peer": cfg.batch_size * steps / seconds / peers,
+            "data_images_per_s": data_rate,
+            "data_workers": getattr(trainer.data.train, "workers", None),
             "step_ms": 1000.0 * seconds / steps,
             **_breakdown(trainer.timer.totals, timed_seconds, steps),
             "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": rss_growth(rss),
@@ -183,6 +188,33 @@ def _host_syncs(trainer: Trainer, batches: Iterator[Batch]) -> float:
     return sum("synchroniz" in str(w.message) for w in caught) / 3
 
 
+def data_throughput(trainer: Trainer, steps: int, warmup: int) -> float:
+    """Images/s of the input pipeline alone: this process's uint8 training batches on the device (decoded,
+    cropped and collated by the workers when streaming; index-gathered when in memory), no model. A loader
+    of its own (seed and epochs apart from training's), ``warmup`` batches untimed (workers start)."""
+    t = trainer
+    loader = t.data.train.loader(t.train_loader.batch_size, True, t.cfg.seed + 7, t.dist.rank, t.dist.world_size,
+                                 t.method.needs.sampler, t.host_views)
+
+    def cycle() -> Iterator[Batch]:
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    batches = cycle()
+    for _ in range(warmup):
+        next(batches)
+    _sync(t.device)
+    t0 = time.perf_counter()
+    images = 0
+    for _ in range(steps):
+        images += len(next(batches).labels)
+    _sync(t.device)
+    return images * t.dist.world_size / (time.perf_counter() - t0)
+
+
 def _eval_seconds(trainer: Trainer) -> float:
     """Seconds of one end-of-epoch evaluation (validation and test splits)."""
     _sync(trainer.device)
@@ -200,7 +232,7 @@ def _essentials(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
             "channels_last": trainer.channels_last, "fused": trainer.cohort.fused,
             "threads": torch.get_num_threads(),
             "method": cfg.method.name, "model": cfg.model.name, "peers": len(trainer.cohort),
-            "data": cfg.data.name, "image_shape": list(trainer.data.train.images.shape[1:]),
+            "data": cfg.data.name, "image_shape": list(trainer.data.train.shape),
             "num_classes": trainer.num_classes, "batch_size": cfg.batch_size,
             "world_size": trainer.dist.world_size, "steps": steps, "warmup": warmup,
             "torch": torch.__version__}
@@ -227,6 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
              "",
              f"  images/s (through the cohort) {r['images_per_s']:10.1f}",
              f"  images/s per peer             {r['images_per_s_per_peer']:10.1f}",
+             f"  input pipeline alone, images/s {r['data_images_per_s']:9.1f}"
+             + (f" ({plural(r['data_workers'], 'worker')})" if r.get("data_workers") is not None else " (in memory)"),
              f"  step time                     {r['step_ms']:10.1f} ms",
              f"  peak RSS                      {r['peak_rss_mb']:10.1f} MB",
              f"  RSS growth over timed steps   {r['rss_growth_mb']:10.1f} MB (last vs first quarter)",
@@ -262,8 +296,12 @@ def bare_step_throughput(cfg: Config, steps: int = 20, warmup: int = 5) -> dict[
     channels_last = resolve_channels_last(cfg.channels_last, device, precision)
     configure_backends(device, cfg.deterministic)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    splits = load_splits(cfg)
-    h, w, c = splits.train.images.shape[1:]
+    splits = load_splits(cfg, device)
+    if isinstance(splits, StreamSplits):  # the crops the streamed data would give
+        c, h = splits.channels, stream_image_size(cfg, splits)
+        w = h
+    else:
+        h, w, c = splits.train.images.shape[1:]
     seed_everything(cfg.seed)
     needs = METHODS.build(cfg.method.name, **cfg.method.args).needs
     # The same networks (and shared trunk, for branched methods) the engine would train.

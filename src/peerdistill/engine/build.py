@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..data import DATASETS, DatasetSplits, ImageSet
 from ..data.batch_augment import BatchAugment
 from ..data.loader import DataBundle, split_to_device, stratified_subset
 from ..data.mix import MIXERS, Mixer
+from ..data.stream import HostTransform
+from ..data.streamed import StreamSplits, default_workers, should_stream, stream_bundle
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
 from ..metrics.robust_options import options_from_mapping
@@ -43,11 +46,39 @@ def source_args(d: DataConfig) -> dict[str, object]:
     return DATASETS.resolve(d.name, d.args, skip=ENGINE_ARGS["data"])
 
 
-def load_splits(cfg: Config) -> DatasetSplits:
+def engine_source_args(d: DataConfig) -> dict[str, object]:
+    """What the engine hands the source besides its own parameters: ``root``, and ``image_size`` to a source
+    that declares it."""
+    out: dict[str, object] = {"root": d.root}
+    if d.image_size is not None and "image_size" in DATASETS.params(d.name):
+        out["image_size"] = d.image_size
+    return out
+
+
+def load_splits(cfg: Config, device: torch.device | None = None) -> DatasetSplits | StreamSplits:
     """Read the configured dataset (with every parameter of its source), remove held-out classes and keep an
-    optional stratified subset (``data.train_subset``: exactly that many images, before the validation split)."""
+    optional stratified subset (``data.train_subset``: exactly that many images, before the validation split).
+
+    A source that can stream (it declares ``lazy``) is first asked for its listing; ``data.stream`` (``auto``:
+    :func:`~peerdistill.data.streamed.should_stream`) decides whether the run streams it or decodes it into
+    memory. A source that only streams (``shards``) refuses ``data.stream=false``."""
     d = cfg.data
-    splits = DATASETS.build(d.name, root=d.root, **source_args(d)).check(d.name)
+    args = {**engine_source_args(d), **source_args(d)}
+    if "lazy" in DATASETS.params(d.name):
+        splits: DatasetSplits | StreamSplits = DATASETS.build(d.name, lazy=True, **args).check(d.name)
+        if not should_stream(d.stream, splits, stream_image_size(cfg, splits), device or torch.device("cpu")):
+            splits = DATASETS.build(d.name, **args).check(d.name)
+    else:
+        splits = DATASETS.build(d.name, **args).check(d.name)
+    streamed = isinstance(splits, StreamSplits)
+    if d.stream is True and not streamed:
+        raise PeerdistillError(f"dataset {d.name!r} is read into memory only; data.stream=true needs a source that "
+                               f"reads image files (imagefolder, shards)")
+    if d.stream is False and streamed:
+        raise PeerdistillError(f"dataset {d.name!r} is always streamed; remove data.stream=false")
+    if streamed and d.holdout_classes:
+        raise PeerdistillError("data.holdout_classes needs in-memory data (data.stream=false); streamed data has "
+                               "no held-out OOD set")
     if d.holdout_classes:
         splits = hold_out(splits, d.holdout_classes, d.name)
     if d.train_subset:
@@ -81,13 +112,46 @@ def hold_out(splits: DatasetSplits, classes: list[int], name: str) -> DatasetSpl
                                classes=[splits.classes[c] for c in kept], meta=meta)
 
 
+def stream_image_size(cfg: Config, splits: DatasetSplits | StreamSplits) -> int:
+    """The side of the images the networks see."""
+    if isinstance(splits, StreamSplits):
+        return cfg.data.image_size or splits.image_size
+    return int(splits.train.images.shape[1])
+
+
+def host_transforms(cfg: Config, splits: StreamSplits) -> tuple[HostTransform, HostTransform]:
+    """The streaming (training, evaluation) host transforms of the config: the ImageNet protocol's
+    RandomResizedCrop (+ flip on the host, one draw per view) and resize + centre crop."""
+    d = cfg.data
+    if len(d.rrc_scale) != 2 or d.rrc_scale[0] > d.rrc_scale[1]:
+        raise PeerdistillError(f"config key 'data.rrc_scale' must hold two values lo <= hi, got {d.rrc_scale}")
+    if len(d.rrc_ratio) != 2 or d.rrc_ratio[0] > d.rrc_ratio[1]:
+        raise PeerdistillError(f"config key 'data.rrc_ratio' must hold two values lo <= hi, got {d.rrc_ratio}")
+    size = stream_image_size(cfg, splits)
+    flip = splits.flip if d.flip is None else d.flip
+    common = {"image_size": size, "channels": splits.channels, "seed": cfg.seed}
+    return (HostTransform(train=True, scale=(d.rrc_scale[0], d.rrc_scale[1]), ratio=(d.rrc_ratio[0], d.rrc_ratio[1]),
+                          flip=flip, **common),
+            HostTransform(train=False, crop_pct=d.crop_pct, **common))
+
+
+def host_views(needs: Needs, n_peers: int) -> int:
+    """Independent training crops per image a step draws (``Needs.host_views``, else one per peer with
+    per-peer views, else one)."""
+    return needs.host_views or (n_peers if needs.views == "per_peer" else 1)
+
+
 def crop_padding(cfg: Config, splits: DatasetSplits) -> int | None:
     """The run's crop padding: ``data.padding``, else the dataset's standard one."""
     return splits.crop_padding if cfg.data.padding is None else cfg.data.padding
 
 
-def make_augment(cfg: Config, splits: DatasetSplits, channels_last: bool) -> BatchAugment:
+def make_augment(cfg: Config, splits: DatasetSplits | StreamSplits, channels_last: bool) -> BatchAugment:
+    """The device augmentation: padded random crop and flip in memory; streamed, the host has cropped and
+    flipped already, so normalisation (and Cutout) alone."""
     d = cfg.data
+    if isinstance(splits, StreamSplits):
+        return BatchAugment(splits.mean, splits.std, 0, False, d.cutout, channels_last)
     pad = crop_padding(cfg, splits)
     flip = splits.flip if d.flip is None else d.flip
     return BatchAugment(splits.mean, splits.std, pad, flip, d.cutout, channels_last)
@@ -101,6 +165,12 @@ def resolve_components(cfg: Config) -> None:
     """Check every component's and the data source's arguments and fill in the defaults of the others, so
     that the config written into a run (and compared on ``--resume``) names every value the run uses."""
     cfg.data.args = source_args(cfg.data)
+    if "image_size" in DATASETS.params(cfg.data.name):
+        if cfg.data.image_size is None:  # the config names the size used
+            cfg.data.image_size = DATASETS.params(cfg.data.name)["image_size"]
+    elif cfg.data.image_size is not None:
+        raise PeerdistillError(f"dataset {cfg.data.name!r} has images of a fixed size; data.image_size applies to "
+                               f"imagefolder, shards and synthetic")
     names = cfg.model_names or [""]
     for name in names:
         check_model_args(name, cfg.model.args)
@@ -165,16 +235,27 @@ def cohort_size(cfg: Config, needs: Needs) -> int:
 def build_run(cfg: Config, device: torch.device) -> Built:
     """Build data, method and cohort, and check that they fit together."""
     method, addons = validate_config(cfg)
-    splits = load_splits(cfg)
-    data = split_to_device(splits, cfg.data.val_split, cfg.seed, device)
+    splits = load_splits(cfg, device)
+    if isinstance(splits, StreamSplits):
+        if cfg.robustness is not None:
+            raise PeerdistillError("the robustness evaluation needs in-memory data; remove robustness or set "
+                                   "data.stream=false")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        workers = cfg.data.workers if cfg.data.workers is not None else default_workers(world)
+        data = stream_bundle(splits, cfg.data.val_split, cfg.seed, device, stream_image_size(cfg, splits), workers,
+                             *host_transforms(cfg, splits))
+        in_channels, padding = splits.channels, 0
+    else:
+        data = split_to_device(splits, cfg.data.val_split, cfg.seed, device)
+        in_channels, padding = splits.train.images.shape[-1], crop_padding(cfg, splits)
     needs = method.needs
     n = cohort_size(cfg, needs)
-    num_classes, in_channels = splits.num_classes, splits.train.images.shape[-1]
+    num_classes = splits.num_classes
     cohort = build_cohort(cfg.model_names, n, num_classes, in_channels, cfg.model.args,
                           needs.topology, needs.split_after, cfg.fused, 1.0 / n if needs.trunk_grad == "mean" else 1.0)
-    check_peers(cohort.nets, in_channels, tuple(splits.train.images.shape[1:3]))
+    check_peers(cohort.nets, in_channels, tuple(data.train.shape[1:]))
     info = DataInfo(num_classes, len(data.train), torch.from_numpy(data.train.host_labels), in_channels,
-                    tuple(splits.train.images.shape[1:3]), crop_padding(cfg, splits))
+                    tuple(data.train.shape[1:]), padding)
     method.setup(cohort, info)
     for addon in addons:
         addon.setup(method, cohort, info)
@@ -233,9 +314,9 @@ def load_teacher(path: str, peer: int, num_classes: int, in_channels: int, expec
 
 
 def data_meta(built: Built) -> dict[str, object]:
-    train = built.data.train.images
+    train = built.data.train
     return {"num_classes": built.num_classes, "in_channels": built.in_channels,
-            "image_size": list(train.shape[-2:]), "train_size": int(train.shape[0])}
+            "image_size": list(train.shape[-2:]), "train_size": len(train)}
 
 
 def seed_everything(seed: int) -> None:

@@ -75,6 +75,14 @@ class DistInfo:
         tdist.all_gather_object(out, obj)
         return out
 
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes (one all-reduce on a CPU copy under gloo; identity in one process)."""
+        if self.world_size == 1:
+            return t
+        out = t.to(self.device) if self.device.type == "cuda" else t.cpu()
+        tdist.all_reduce(out)
+        return out
+
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Average scalar tensors over the processes (one all-reduce; identity in one process)."""
         if self.world_size == 1 or not values:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..data.loader import Batch, DeviceLoader, DeviceSet
+from ..data.loader import Batch, DeviceSet
+from ..data.streamed import StreamSet
 from ..data.views import View, ViewContext, Views
 from ..errors import PeerdistillError
 from ..methods.base import AddOn, Method, PeerOutput, PreTrainContext, StepRecord
@@ -25,7 +26,7 @@ from ..models.cohort import Cohort
 from ..seeds import seed_stream
 from . import distributed as dist
 from . import rng
-from .build import build_run, data_meta, load_teacher, make_augment, make_mixer, seed_everything
+from .build import build_run, data_meta, host_views, load_teacher, make_augment, make_mixer, seed_everything
 from .checkpoint import load_checkpoint, save_atomic, write_failure
 from .ema import EMA
 from .heads import evaluated_heads
@@ -116,8 +117,9 @@ class Trainer:
             self.mixer.check(world)
         if cfg.batch_size % world:
             raise PeerdistillError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-        self.train_loader = DeviceLoader(self.data.train, cfg.batch_size // world, True, cfg.seed, rank, world,
-                                         needs.sampler)
+        self.host_views = host_views(needs, len(self.cohort))  # streamed data: host crops per image
+        self.train_loader = self.data.train.loader(cfg.batch_size // world, True, cfg.seed, rank, world,
+                                                   needs.sampler, self.host_views)
         self.steps_per_epoch = len(self.train_loader)
         self.epoch, self.step = 0, 0
         self.prepared = False  # before_training has run (its result lives in cohort / EMA / method state)
@@ -128,11 +130,30 @@ class Trainer:
         self.resumed_precision: str | None = None  # the precision the loaded checkpoint was trained in
 
     # ------------------------------------------------------------------ training
-    def view_context(self, gen: torch.Generator) -> ViewContext:
+    def view_context(self, gen: torch.Generator, batch: Batch | None = None) -> ViewContext:
         """What ``make_views`` may use: augmentation, mixer, and no-grad teacher / peer logits for scoring."""
-        return ViewContext(lambda x: self.augment(x, gen), self.augment.normalize, self.mixer, gen,
+        return ViewContext(self._augment_fn(gen, batch), self.augment.normalize, self.mixer, gen,
                            len(self.cohort), self._teacher_logits if self.teacher is not None else None,
                            self._peer_logits, self.augment.shard)
+
+    def _augment_fn(self, gen: torch.Generator, batch: Batch | None) -> Callable[[Tensor], Tensor]:
+        """The device augmentation; for a streamed batch, each augmentation of ``batch.images`` takes the next
+        of its host crops (independent crops per view), and one more than it has is an error."""
+        if batch is None or batch.views is None:
+            return lambda x: self.augment(x, gen)
+        taken = 0
+
+        def augment(x: Tensor) -> Tensor:
+            nonlocal taken
+            if x is batch.images:
+                if taken == batch.views.shape[1]:
+                    raise PeerdistillError(f"method {self.cfg.method.name!r} augments a batch more than the "
+                                           f"{taken} time(s) it declares (Needs.host_views); streamed data has "
+                                           f"{taken} host crop(s) per image")
+                x, taken = batch.views[:, taken], taken + 1
+            return self.augment(x, gen)
+
+        return augment
 
     @torch.no_grad()
     def _teacher_logits(self, x: Tensor) -> Tensor:
@@ -183,7 +204,7 @@ class Trainer:
         """Views, frozen copies' outputs, the cohort's outputs and the loss terms of one batch."""
         cfg, timer = self.cfg, self.timer
         with timer("data"):
-            views = self.method.make_views(batch, self.view_context(self.gen))
+            views = self.method.make_views(batch, self.view_context(self.gen, batch))
         with self.precision.autocast():
             with timer("forward"):  # the frozen copies; the cohort and the loss terms are timed in StepModule
                 ema_out = self._ema_forward(views.peers) if self.ema is not None else None
@@ -216,14 +237,14 @@ class Trainer:
         if self.prepared:
             return
         seed = seed_stream(self.cfg.seed, 0, 104_729)  # a stream of its own: the epochs' draws are unchanged
-        loader = DeviceLoader(self.data.train, self.train_loader.batch_size, True, seed, self.dist.rank,
-                              self.dist.world_size, self.method.needs.sampler)
+        loader = self.data.train.loader(self.train_loader.batch_size, True, seed, self.dist.rank,
+                                        self.dist.world_size, self.method.needs.sampler, self.host_views)
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def batches() -> Iterator[Views]:
             gen.manual_seed(seed)
             for batch in loader:
-                yield self.method.make_views(batch, self.view_context(gen))
+                yield self.method.make_views(batch, self.view_context(gen, batch))
 
         def sgd_optimizer(params: Any, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=self.cfg.optim.weight_decay)
@@ -279,12 +300,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, data: DeviceSet, with_reliability: bool = False) -> dict[str, Any]:
-        """Top-1/top-5/NLL/ECE of every head the method exposes, on a whole split."""
+    def evaluate(self, data: DeviceSet | StreamSet, with_reliability: bool = False, shard: bool = True) -> dict[str, Any]:
+        """Top-1/top-5/NLL/ECE of every head the method exposes, on a whole split.
+
+        Under torchrun (and ``shard``) every process evaluates its contiguous share and the metrics' sums are
+        added over the processes: the same counts as one process evaluating everything, on every rank.
+        ``shard=False``: this process alone evaluates the whole split (the others are not in step)."""
         self.module.eval()
         if self.ema is not None:
             self.ema.module.eval()
-        loader = DeviceLoader(data, self.cfg.data.eval_batch_size, False)
+        rank, world = (self.dist.rank, self.dist.world_size) if shard else (0, 1)
+        loader = data.loader(self.cfg.data.eval_batch_size, False, rank=rank, world_size=world)
         ema = self.ema.module if self.ema is not None else None
         metrics: dict[str, HeadMetrics] = {}
         for batch in loader:
@@ -293,6 +319,8 @@ class Trainer:
                 heads = evaluated_heads(self.cohort, ema, self.method, x, self.taps)
             for name, logits in heads.items():
                 metrics.setdefault(name, HeadMetrics()).update(logits, batch.labels)
+        if world > 1:
+            metrics = self._reduce_metrics(metrics)
         result: dict[str, Any] = {name: m.compute() for name, m in metrics.items()}
         peers = [v["top1"] for k, v in result.items() if k.startswith("peer")]
         result["peers_mean"] = {"top1": sum(peers) / len(peers)} if peers else {}
@@ -300,6 +328,15 @@ class Trainer:
             result["_reliability"] = {name: m.reliability() for name, m in metrics.items()}
         self.module.train()
         return result
+
+    def _reduce_metrics(self, metrics: dict[str, HeadMetrics]) -> dict[str, HeadMetrics]:
+        """Every head's sums added over the processes (a rank whose share is empty contributes zeros)."""
+        names = self.dist.gather(sorted(metrics))
+        heads = sorted({h for per_rank in names for h in per_rank})
+        out = {h: metrics.get(h, HeadMetrics()) for h in heads}
+        flat = torch.stack([out[h].totals(self.device) for h in heads])
+        flat = self.dist.total(flat)
+        return {h: HeadMetrics().add_totals(row) for h, row in zip(heads, flat)}
 
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -371,8 +408,7 @@ class Trainer:
             self.epoch += 1
             if self.dist.world_size > 1:  # rank 0 writes the checkpoint: it needs every rank's state
                 self.rank_rng = self.dist.gather(rng.capture(self.device))
-            if self.dist.is_main:
-                last_eval = self._end_epoch(train) or last_eval
+            last_eval = self._end_epoch(train) or last_eval  # every rank evaluates its share; rank 0 writes
             self.dist.barrier()
         return self.summary(last_eval)
 
@@ -390,11 +426,12 @@ class Trainer:
             test = self.evaluate(self.data.test)
             record.update(eval_seconds=time.perf_counter() - t0, val=val, test=test)
             improved = self._track_best(val, test)
-        self.save("last.pt")
-        if improved:
-            self.save("best.pt")
-        if self.logger is not None:
-            self.logger.epoch(record)
+        if self.dist.is_main:
+            self.save("last.pt")
+            if improved:
+                self.save("best.pt")
+            if self.logger is not None:
+                self.logger.epoch(record)
         return record if "test" in record else {}
 
     def _track_best(self, val: dict[str, Any], test: dict[str, Any]) -> bool:

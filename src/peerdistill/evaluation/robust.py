@@ -59,6 +59,9 @@ class Evaluated:
                     else LoadedRun.from_trainer(trainer, self.ckpt_path))
         self.cfg = self.run.cfg
         self.mean, self.std = self.run.mean, self.run.std
+        if not isinstance(self.run.data.splits.test, ImageSet):
+            raise PeerdistillError("the robustness evaluation needs in-memory data; this run streams its images "
+                                   "(data.stream)")
         self.test: ImageSet = self.run.data.splits.test
 
     @property

@@ -92,6 +92,8 @@ def run_tstddev(teacher: str, augs: list[str] | None, opts: TStdDevOptions) -> d
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision or cfg.precision, device)
     splits = load_splits(cfg)
+    if not hasattr(splits.train, "images"):
+        raise PeerdistillError("the T. stddev study needs in-memory data; the teacher's run streams its images")
     data = split_to_device(splits, cfg.data.val_split, cfg.seed, device)
     k, c = splits.num_classes, splits.train.images.shape[-1]
     channels_last = resolve_channels_last(None, device, precision)  # inference: the automatic choice

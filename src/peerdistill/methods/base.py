@@ -73,6 +73,9 @@ class Needs:
             every step search the autograd graph for them (``find_unused_parameters``); declare it only
             when it is so: a parameter left without a gradient under a ``False`` declaration stops a
             multi-process run at its next step.
+        host_views: how many times ``make_views`` augments ``batch.images`` in a step (each call an
+            independent draw); ``None``: once per peer with ``views="per_peer"``, else once. Streamed data
+            crops that many views of every image on the host, and a further call is an error.
     """
 
     peers: int | None = None
@@ -94,6 +97,7 @@ class Needs:
     teacher_peer: int = 0
     teacher_model: str | None = None
     unused_params: bool = False
+    host_views: int | None = None
 
 
 @dataclass

@@ -54,7 +54,7 @@ class DDGSD(Method):
         super().__init__()
         self.temperature, self.lam, self.ce_weight = temperature, lam, ce_weight
         self.mmd_weight, self.mmd = mmd_weight, mmd
-        self.needs = Needs(default_peers=1)
+        self.needs = Needs(default_peers=1, host_views=2)  # two distorted versions of each image
 
     def make_views(self, batch: Batch, ctx: ViewContext) -> Views:
         b = batch.images.shape[0]
