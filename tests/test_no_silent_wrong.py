@@ -346,8 +346,8 @@ def test_ood_score_ticks_do_not_overlap(monkeypatch, tmp_path):
                            if b1.x1 >= b2.x0)
         return real(fig, ax, path)
 
-    real = RP._save
-    monkeypatch.setattr(RP, "_save", check)
+    real = RP.save_figure
+    monkeypatch.setattr(RP, "save_figure", check)
     RP.plot_ood_scores(raw, tmp_path / "ood.png")
     assert (tmp_path / "ood.png").is_file() and clashes == []
 

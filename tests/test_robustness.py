@@ -468,15 +468,15 @@ def test_a_failed_evaluation_after_training_is_redone_by_resume(tmp_path, monkey
 
     cfg = tiny_cfg("epochs=1", "threads=1", "robustness={adversarial: true, attacks: [fgsm], eps: [0.03], "
                    "limit: 8, plots: false}")
-    real = R.robust_evaluate
-    monkeypatch.setattr(R, "robust_evaluate", lambda *a, **k: (_ for _ in ()).throw(PeerdistillError("no disk")))
+    real = run_mod.robust_evaluate  # what the run's pending evaluation calls
+    monkeypatch.setattr(run_mod, "robust_evaluate", lambda *a, **k: (_ for _ in ()).throw(PeerdistillError("no disk")))
     out = tmp_path / "run"
     with pytest.raises(PeerdistillError, match="training finished .* no disk; `peerdistill train --resume"):
         run_mod.train(cfg, out, echo=False)
     summary = (out / "summary.json").read_bytes()
     assert json.loads(summary)["final"]["test"] and not (out / "eval.json").exists()
     assert run_state(out) == "partial"  # a sweep resumes it ...
-    monkeypatch.setattr(R, "robust_evaluate", real)
+    monkeypatch.setattr(run_mod, "robust_evaluate", real)
     run_mod.train(cfg, resume=out, echo=False)  # ... and the resume evaluates, training nothing
     assert "fgsm" in json.loads((out / "eval.json").read_text())["latest"]["adversarial"]
     assert (out / "summary.json").read_bytes() == summary and run_state(out) == "finished"
