@@ -14,7 +14,7 @@ import torch
 from peerdistill.config import load
 from peerdistill.data import streamed
 from peerdistill.data.streamed import StreamSet
-from peerdistill.engine import run as run_mod
+from peerdistill import run as run_mod
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
 
