@@ -181,10 +181,11 @@ def build_cohort(models: Sequence[str], n: int, num_classes: int, in_channels: i
         raise PeerdistillError(f"unknown topology {topology!r}")
     if len(set(names)) > 1:
         raise PeerdistillError("a branched cohort shares its trunk, so all peers must be the same model")
-    return branch(nets, split_after, names[0], fused)
+    return branch(nets, split_after, names[0], fused, trunk_grad_scale)
 
 
-def branch(nets: Sequence[StagedNet], split_after: str | None, name: str, fused: bool = False) -> Cohort:
+def branch(nets: Sequence[StagedNet], split_after: str | None, name: str, fused: bool = False,
+           trunk_grad_scale: float = 1.0) -> Cohort:
     """A branched cohort of ``nets`` (one architecture): the stem and the stages up to ``split_after``
     (default: all but the last) of ``nets[0]`` become every peer's; ``nets`` are changed in place."""
     if not all(getattr(net, "splittable", True) for net in nets):
