@@ -167,13 +167,21 @@ class DataBundle:
     splits: DatasetSplits
 
 
+def train_val_indices(labels: np.ndarray, classes: list[str], val_split: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified, seeded (train, validation) indices of a training set, or a one-line error when the
+    split leaves a class without a training image; in-memory and streamed data share them."""
+    tr_idx, val_idx = stratified_split(labels, val_split, seed)
+    missing = np.setdiff1d(np.unique(labels), labels[tr_idx])
+    if len(missing):
+        raise PeerdistillError(f"data.val_split={val_split:g} of the {len(labels)} training images leaves class "
+                               f"{classes[int(missing[0])]!r} without a training image; use more images "
+                               f"(data.train_subset) or a smaller data.val_split")
+    return tr_idx, val_idx
+
+
 def split_to_device(splits: DatasetSplits, val_split: float, seed: int, device: torch.device | str) -> DataBundle:
     """Carve a stratified, seeded validation split from the training set and move all to ``device``."""
-    tr_idx, val_idx = stratified_split(splits.train.labels, val_split, seed)
-    missing = np.setdiff1d(np.unique(splits.train.labels), splits.train.labels[tr_idx])
-    if len(missing):
-        raise PeerdistillError(f"data.val_split={val_split:g} of the {len(splits.train)} training images leaves class "
-                               f"{splits.classes[int(missing[0])]!r} without a training image; use more images "
-                               f"(data.train_subset) or a smaller data.val_split")
+    tr_idx, val_idx = train_val_indices(splits.train.labels, splits.classes, val_split, seed)
     val = DeviceSet(splits.train.subset(val_idx), device) if len(val_idx) else None
     return DataBundle(DeviceSet(splits.train.subset(tr_idx), device), val, DeviceSet(splits.test, device), splits)

@@ -26,7 +26,7 @@ import torch
 from ..errors import PeerdistillError
 from ..params import Interval
 from .base import DATASETS
-from .loader import Batch, DataBundle, stratified_split
+from .loader import Batch, DataBundle, train_val_indices
 from .samplers import Sampler
 from .stream import HostTransform, LazySet, StreamDataset, StreamLoader, open_shards, sequential_rows
 
@@ -184,12 +184,7 @@ def stream_bundle(splits: StreamSplits, val_split: float, seed: int, device: tor
                   workers: int, train_transform: HostTransform, eval_transform: HostTransform) -> DataBundle:
     """The streaming :class:`~.loader.DataBundle`: a stratified, seeded validation split of the listing
     (the same indices as the in-memory path's), each split a :class:`StreamSet`."""
-    tr_idx, val_idx = stratified_split(splits.train.labels, val_split, seed)
-    missing = np.setdiff1d(np.unique(splits.train.labels), splits.train.labels[tr_idx])
-    if len(missing):
-        raise PeerdistillError(f"data.val_split={val_split:g} of the {len(splits.train)} training images leaves class "
-                               f"{splits.classes[int(missing[0])]!r} without a training image; use more images "
-                               f"(data.train_subset) or a smaller data.val_split")
+    tr_idx, val_idx = train_val_indices(splits.train.labels, splits.classes, val_split, seed)
 
     def wrap(s: LazySet, t: HostTransform) -> StreamSet:
         return StreamSet(s, t, device, workers)
