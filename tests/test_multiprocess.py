@@ -7,6 +7,17 @@ an ensemble fitted on the batch, a sum over the batch, state written from the ba
 process x B. BatchNorm is frozen to its running statistics in both runs: its per-process batch statistics
 are the one documented exception (``sync_bn`` on CUDA), and with them frozen nothing else may differ.
 
+Every ReLU is replaced by softplus (beta = 5) in both runs, as BatchNorm is frozen: the comparison must be
+a smooth function of the float rounding. Through ReLU it is not: a gradient, and much more L-MCL's
+hyper-gradient (three forward passes and a double backward through 1.3 M ReLU inputs here), jumps where a
+pre-activation changes sign, and the one closest to zero lay 4e-8 from it (72 within 1e-5 of their layer's
+largest). The two runs' last-bit differences (the global batch gathered in rank order, DDP's all-reduce,
+other kernels for 16 and 32 rows) then flip a unit now and then: at the same parameters the float32 and
+float64 hyper-gradients differed by 1.3 % of the momenta's largest entry, the size of the mismatch the
+two runs showed with the CPU's fast kernels (2.8e-4 against 0.025). With softplus a 1e-6 relative
+perturbation of the parameters moves the float64 hyper-gradient by 8e-6 of its scale, and float32 is
+within 1e-6 of float64.
+
 All cases run in ONE pair of worker processes (process start and ``import torch`` dominate the cost): the
 pytest process computes the one-process references, the workers the two-process results, rank 0 saves
 them, and each case is compared here.
@@ -84,6 +95,14 @@ def _frozen_batch_norm(input, running_mean, running_var, weight=None, bias=None,
 _BATCH_NORM = torch.nn.functional.batch_norm
 
 
+def _smooth_relu(input, inplace=False):
+    """softplus with beta = 5 in place of ReLU: no kink (see the module's docstring)."""
+    return _SOFTPLUS(input, beta=5.0)
+
+
+_SOFTPLUS = torch.nn.functional.softplus
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +123,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[st
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(torch.nn.functional, "batch_norm", _frozen_batch_norm)
+        mp.setattr(torch.nn.functional, "relu", _smooth_relu)
         one = {name: run_case(overrides) for name, (overrides, _) in CASES.items()}
     finally:
         mp.undo()
@@ -121,21 +141,21 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[st
 
 
 # Tolerances: both runs compute the same float32 sums in another order (the global batch gathered in rank
-# order, DDP's all-reduce of two half-batch gradients). Measured: terms agree to ~1e-7 relative, gradients to
-# <= 5e-6 of each tensor's largest entry (L-MCL; the contrastive logits are divided by tau = 0.1 and the soft
-# terms scaled by T^2 = 9: the conditioning here). Per-process statistics instead (each method's gather
-# replaced by the local rows) move the terms by 0.05 .. 24 relative (MCL's contrast over the local 16 rows
-# ~0.2, DDGSD's local means 0.85, KDCL's locally fitted weights 0.4 .. 0.7, BYOT-L's local sum 0.5) and the
-# gradients by up to 0.5 of their scale, so these bounds separate the two by orders of magnitude.
-TERM_RTOL, GRAD_RTOL = 1e-5, 1e-4
+# order, DDP's all-reduce of two half-batch gradients). Measured: terms agree to <= 5e-6 relative (most ~1e-7),
+# gradients to <= 2.2e-5 of each tensor's largest entry (MCL's projection head; the contrastive logits are
+# divided by tau = 0.1 and the soft terms scaled by T^2 = 9: the conditioning here), the banks and stores
+# exactly, the EMA teachers to 7e-7 and the weight network's momenta (L-MCL's hyper-gradient) to 1.3e-6 of
+# their largest entry. Per-process statistics instead (each method's gather replaced by the local rows) move
+# the terms by 0.05 .. 24 relative (MCL's contrast over the local 16 rows ~0.2, DDGSD's local means 0.85,
+# KDCL's locally fitted weights 0.4 .. 0.7, BYOT-L's local sum 0.5) and the gradients by up to 0.5 of their
+# scale; L-MCL's meta step per process (``meta_batch=local``) moves the momenta by 2.3 of their scale, and
+# its learning rate 0.1 % off by 5e-3: these bounds separate them all.
+TERM_RTOL, GRAD_RTOL, STATE_RTOL = 1e-5, 1e-4, 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.numerical
-@pytest.mark.parametrize("name", [pytest.param(c, marks=pytest.mark.xfail(
-    reason="open: with the CPU's fast kernels L-MCL's global meta step differs from one process by ~1 % in the "
-           "weight network's momenta (within tolerance on the portable kernels): ill-conditioned, not yet bounded",
-    strict=False)) if c == "lmcl" else c for c in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_equal_one_process(results, name):
     one, two = results[name]
     assert torch.equal(one["index"], two["index"]), name  # the same images in the global batch
@@ -147,17 +167,19 @@ def test_two_processes_equal_one_process(results, name):
         scale = float(g.abs().max())
         err = float((two["grads"][k] - g).abs().max())
         assert err <= GRAD_RTOL * scale + 1e-9, (name, k, err, scale)
-    compared = [k for k in one["buffers"] if k.startswith(CASES[name][1])]
-    assert len(compared) >= len(CASES[name][1]), (name, list(one["buffers"]))
-    for k in compared:
-        a, b = one["buffers"][k], two["buffers"][k]
-        assert float((a - b).abs().max()) <= 1e-5 * max(float(a.abs().max()), 1.0), (name, k)
+    for prefix in CASES[name][1]:
+        compared = [k for k in one["buffers"] if k.startswith(prefix)]
+        assert compared, (name, prefix, list(one["buffers"]))
+        for k in compared:
+            a, b = one["buffers"][k], two["buffers"][k]
+            scale, err = float(a.abs().max()), float((a - b).abs().max())
+            assert err <= STATE_RTOL * scale + 1e-9, (name, k, err, scale)
 
 
 def _worker(out: str) -> int:
     from peerdistill.engine.distributed import teardown
 
-    torch.nn.functional.batch_norm = _frozen_batch_norm
+    torch.nn.functional.batch_norm, torch.nn.functional.relu = _frozen_batch_norm, _smooth_relu
     results = {name: run_case(overrides) for name, (overrides, _) in CASES.items()}
     if os.environ["RANK"] == "0":
         torch.save(results, out)
