@@ -81,8 +81,8 @@ class LMCL(MemoryBank, Method):
         meta_batch: under torchrun, the batch of the meta step: ``global`` (every process gathers the
             global batch and computes the one-process hyper-gradient on it: N times the meta step's compute
             and memory per process) or ``local`` (each process on its own rows, the hyper-gradients
-            averaged: not the one-process value). No effect in one process; the bank form's meta step is
-            always per process (its bank draws are the process's own rows), averaged.
+            averaged: not the one-process value). No effect in one process. In the bank form the global
+            meta step also gathers every rank's bank draws, so it scores the banks as one process would.
         sampling: ``epoch`` (every image once per epoch) or ``per_batch`` (classes and images drawn afresh
             for every batch, the code's ``MPerClassSampler``); the same 2-per-class batches either way.
         contrast: ``batch`` (SupCon in the batch, the CIFAR code) or ``bank`` (memory bank, the ImageNet code).
@@ -229,19 +229,22 @@ class LMCL(MemoryBank, Method):
         by ``meta_batch``), then one Nesterov SGD step of the weight network
         (code: ``optim.SGD(lr, momentum 0.9, weight_decay, nesterov=True)``)."""
         lr = rec.lr  # the virtual steps and the weight network follow the run's schedule, as in the code
-        if self.meta_batch == "global" and world_size() > 1 and not self.bank:
-            grads = self.hypergradient(global_record(rec), lr)  # the same on every rank
+        idx = self.bank_indices(rec)  # this rank's rows of the global batch's bank draws (bank form)
+        if self.meta_batch == "global" and world_size() > 1:
+            # the global batch and its draws, both in rank order: the one-process meta step, on every rank
+            grads = self.hypergradient(global_record(rec), lr, None if idx is None else all_ranks(idx)[0])
         else:
-            grads = all_reduce_mean(self.hypergradient(rec, lr))
+            grads = all_reduce_mean(self.hypergradient(rec, lr, idx))
         names = [k for k, _ in self.weight_net.named_parameters()]
         momenta = [getattr(self, f"weight_momentum{j}") for j in range(len(names))]
         nesterov_sgd_(list(self.weight_net.parameters()), [grads[k] for k in names], momenta, lr,
                       self.meta_momentum, rec.weight_decay)
 
-    def hypergradient(self, rec: StepRecord, lr: float) -> dict[str, Tensor]:
+    def hypergradient(self, rec: StepRecord, lr: float, idx: Tensor | None = None) -> dict[str, Tensor]:
         """d CE(theta') / d weight-network parameters, theta' = ``times`` virtual steps on the weighted
-        contrastive loss + one on the CE of all stages, from the current networks and projection heads."""
-        model, x, labels, idx = self._unrolled, rec.views[0].x, rec.labels, self.bank_indices(rec)
+        contrastive loss + one on the CE of all stages, from the current networks and projection heads;
+        ``idx``: the bank draws of ``rec``'s rows (bank form)."""
+        model, x, labels = self._unrolled, rec.views[0].x, rec.labels
         theta = {k: p for k, p in model.named_parameters() if p.requires_grad}
         fixed = {k: p for k, p in model.named_parameters() if not p.requires_grad}
         buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN statistics move on copies only
