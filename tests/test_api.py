@@ -141,6 +141,24 @@ def test_distiller_owns_method_parameters_and_ema() -> None:
         d.after_step()
 
 
+def test_distiller_branched_cohort_takes_the_declared_trunk_gradient() -> None:
+    """CL-ILR declares the trunk's gradient as the branches' mean: the Distiller's branched cohort is built
+    with that scale (as the engine's), so the shared trunk's gradient is exactly 1/m of the summed one."""
+    from peerdistill.models import build_model
+
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
+    grads = {}
+    for rescale in (True, False):
+        torch.manual_seed(0)
+        nets = [build_model("resnet8", 4, 3) for _ in range(3)]
+        d = Distiller(nets, "cl_ilr", input_shape=(3, 8, 8), rescale=rescale)
+        assert d.cohort.trunk_grad_scale == (1 / 3 if rescale else 1.0)
+        d.losses(x, y)["total"].backward()
+        grads[rescale] = [p.grad.clone() for p in d.cohort.nets[0].stem.parameters()]
+    for on, off in zip(grads[True], grads[False]):  # the same sum, scaled before or after the trunk's backward
+        assert float((on - off / 3).abs().max()) <= 1e-5 * float(off.abs().max() / 3)
+
+
 def test_distiller_refusals() -> None:
     with pytest.raises(PeerdistillError, match="exactly 1"):
         Distiller([TinyCNN(4, 1, 4)] * 2, "byot", input_shape=(1, 8, 8))

@@ -105,9 +105,9 @@ class Distiller(nn.Module):
         check_peers(nets, c, (h, w))
         if needs.topology == "branched" and all(getattr(n, "splittable", True) for n in nets) and \
                 len({type(n) for n in nets}) == 1:  # the engine's branched cohort: the models are tied in place
-            self.cohort = branch(nets, needs.split_after, type(models[0]).__name__)
-            if needs.trunk_grad == "mean":  # the trunk's gradient is the branches' mean, as the engine builds it
-                self.cohort.trunk_grad_scale = 1.0 / len(nets)
+            # the trunk's gradient is the branches' mean if the method declares it, as the engine builds it
+            scale = 1.0 / len(nets) if needs.trunk_grad == "mean" else 1.0
+            self.cohort = branch(nets, needs.split_after, type(models[0]).__name__, trunk_grad_scale=scale)
         else:
             self.cohort = Cohort(nets)
         self.num_classes = classes.pop()
