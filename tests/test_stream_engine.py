@@ -17,6 +17,7 @@ from peerdistill.data.streamed import StreamSet
 from peerdistill import run as run_mod
 from peerdistill.engine.trainer import Trainer
 from peerdistill.errors import PeerdistillError
+from peerdistill.models import MODELS
 
 from .conftest import killed_and_resumed
 from .imagenet_like import make_imagenet_like
@@ -177,12 +178,24 @@ def test_bench_reports_the_input_pipeline_alone(folder, capsys):
         assert report["data_workers"] == (1 if "data.stream=true" in extra else None)
 
 
-@pytest.mark.parametrize("model", ["resnet18_imagenet", "mobilenetv2_imagenet"])
-def test_imagenet_models_train_and_evaluate_on_streamed_jpegs(folder, tmp_path, model):
-    summary = run_mod.train(stream_cfg(folder, f"model={model}", "data.image_size=32", "method=independent", "peers=1",
-                                       "batch_size=8", "data.eval_batch_size=16"), tmp_path / "r", echo=False)
-    m = summary["final"]["test"]["peer0"]
-    assert 0 <= m["top1"] <= 100 and np.isfinite(m["nll"])
+IMAGENET_MODELS = sorted(name for name in MODELS if name.endswith("_imagenet"))
+
+
+def test_every_imagenet_model_trains_and_evaluates_on_streamed_jpegs(tmp_path):
+    """Each ImageNet model of the zoo through the streaming path (host crops of JPEG files, 32 px): one
+    optimizer step on the one batch of 8 training images, then the evaluation of 4 test images."""
+    assert {"resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet", "mobilenetv1_imagenet",
+            "mobilenetv2_imagenet", "shufflenetv2_imagenet"} <= set(IMAGENET_MODELS)
+    make_imagenet_like(tmp_path / "jpeg", 8, 4, n_classes=2, sides=(20, 28), target_kb=None)
+    for model in IMAGENET_MODELS:
+        out = tmp_path / model
+        summary = run_mod.train(stream_cfg(tmp_path / "jpeg", f"model={model}", "data.image_size=32", "data.val_split=0",
+                                           "method=independent", "peers=1", "batch_size=8", "data.eval_batch_size=4"),
+                                out, echo=False)
+        steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+        m = summary["final"]["test"]["peer0"]
+        assert [r["step"] for r in steps] == [1] and np.isfinite(list(steps[0]["loss"].values())).all(), model
+        assert 0 <= m["top1"] <= 100 and np.isfinite(m["nll"]), model  # evaluated
 
 
 # ------------------------------------------------------------------------------------------ torchrun
