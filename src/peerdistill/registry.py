@@ -79,6 +79,40 @@ class Registry(Generic[T]):
         return {p.name: p.default for p in _user_params(self.get(name))}
 
 
+def with_defaults(ctor: Callable[..., Any], then: Callable[[Any], T] | None = None, doc: str | None = None,
+                  **defaults: Any) -> Callable[..., T]:
+    """One definition, another use: ``ctor`` with other documented defaults, its result passed to ``then``.
+
+    The returned constructor has ``ctor``'s parameters, annotations (so the same checks) and body; only the
+    defaults named here differ. A registry can register it beside ``ctor`` (a mixer used as an augmentation).
+
+    Args:
+        ctor: the one definition (a class or factory function).
+        then: wraps what ``ctor`` built (``None``: returned as is).
+        doc: the docstring of this use (default: ``ctor``'s).
+        defaults: parameter name -> this use's default; each must be a parameter of ``ctor``.
+    """
+    sig = inspect.signature(ctor)
+    unknown = sorted(set(defaults) - set(sig.parameters))
+    if unknown:
+        raise KeyError(f"{getattr(ctor, '__name__', ctor)} has no parameter {', '.join(unknown)}")
+    new_sig = sig.replace(parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p
+                                      for p in sig.parameters.values()], return_annotation=inspect.Signature.empty)
+
+    def build(*args: Any, **kwargs: Any) -> T:
+        bound = new_sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        obj = ctor(*bound.args, **bound.kwargs)
+        return then(obj) if then is not None else obj
+
+    build.__signature__ = new_sig  # type: ignore[attr-defined]
+    build.__annotations__ = param_hints(ctor)
+    build.__doc__ = doc if doc is not None else inspect.getdoc(ctor)
+    build.__name__ = build.__qualname__ = getattr(ctor, "__name__", "build")
+    build.__module__ = getattr(ctor, "__module__", __name__)
+    return build
+
+
 def plain(value: Any) -> Any:
     """A default as YAML writes it (tuples as lists)."""
     if isinstance(value, (list, tuple)):

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import PeerdistillError, nearest
-from ..params import NonNegativeInt, Positive
-from ..registry import Registry
+from ..params import NonNegativeInt
+from ..registry import Registry, with_defaults
 from .batch_augment import cutout, random_crop, random_flip
 from .host import host_values, to_device
 from .mix import MIXERS, CutMix, Mixer, MixRecord, MixUp
@@ -277,16 +277,21 @@ class MixerAugmentation(Augmentation):
         return Augmented(x) if rec is None else Augmented(rec.mix_images(x), rec)
 
 
-@AUGMENTATIONS.register("mixup")
-def mixup(alpha: Positive = 1.0, derangement: bool = False) -> Augmentation:
-    """MixUp as Good-DA uses it: lam ~ Beta(1, 1), a random permutation, every batch mixed."""
-    return MixerAugmentation(MixUp(alpha, 1.0, derangement))
+def mixer_augmentation(mixer: type[Mixer], doc: str, **defaults: Any) -> Any:
+    """A registered mixer used as an augmentation: the mixer's one definition (parameters, checks, kernel and
+    draw order) with this use's documented defaults: every batch mixed (``prob=1``) plus ``defaults``."""
+    return with_defaults(mixer, MixerAugmentation, doc, **{"prob": 1.0, **defaults})
 
 
-@AUGMENTATIONS.register("cutmix")
-def cutmix(alpha: Positive = 1.0, derangement: bool = True) -> Augmentation:
-    """CutMix as Good-DA uses it: lam ~ Beta(1, 1), ``rand_bbox``, a derangement, every batch mixed."""
-    return MixerAugmentation(CutMix(alpha, 1.0, derangement))
+# Good-DA's extra batch: MixUp with lam ~ Beta(1, 1) and a random permutation, CutMix with a derangement
+# ([CODE helper/loops.py ``mixup_data``, ``cutmix``]); ``prob`` and every other parameter stay settable, so
+# ``extra_aug=cutmix extra_aug_args={prob: 0.5, derangement: false}`` is ``mixer=cutmix`` draw for draw.
+AUGMENTATIONS.register("mixup")(mixer_augmentation(
+    MixUp, "MixUp as Good-DA uses it (the mixer ``mixup``): lam ~ Beta(1, 1), a random permutation, every batch "
+           "mixed."))
+AUGMENTATIONS.register("cutmix")(mixer_augmentation(
+    CutMix, "CutMix as Good-DA uses it (the mixer ``cutmix`` with ``prob=1``, ``derangement=true``): lam ~ Beta(1, 1), "
+            "``rand_bbox``, a derangement, every batch mixed.", derangement=True))
 
 
 class PickAugmentation(MixerAugmentation):
