@@ -134,7 +134,7 @@ def test_pixel_augmentations_work_on_the_exact_uint8_images_of_the_view():
     flipped = build_augmentation("flip", {"same_on_batch": True})
     outs = [flipped(x, context(torch.Generator().manual_seed(s))[0]).x for s in range(8)]
     assert any(torch.equal(o, ba.normalize(u.flip(3))) for o in outs) and any(torch.equal(o, x) for o in outs)
-    crop = build_augmentation("crop+flip", {"padding": 2})
+    crop = build_augmentation("crop_flip", {"padding": 2})
     out = to_uint8(crop(x, ctx).x, ctx)
     for i in range(8):  # every image is a (flipped) shifted window of the zero-padded original
         padded = torch.nn.functional.pad(u[i], (2, 2, 2, 2))
@@ -301,7 +301,7 @@ def test_protocol_loss_matches_an_independent_computation(teacher_dir):
 
 
 def test_protocol_trains_with_every_paper_augmentation_and_a_picker_mixer(teacher_dir):
-    augs = ["identity", "flip", "crop+flip", "cutout", "mixup", "cutmix", "cutmixpick"]
+    augs = ["identity", "flip", "crop_flip", "cutout", "mixup", "cutmix", "cutmixpick"]
     augs += ["autoaugment"] if _has("kornia") else []
     for aug in augs:
         tr = kd_trainer(teacher_dir, f"method.extra_aug={aug}")
@@ -437,7 +437,7 @@ def _has(module: str) -> bool:
 def test_protocol_step_reads_nothing_back_to_the_host(teacher_dir, monkeypatch):
     """As for every method (tests/test_methods.py): on a GPU each host read is a synchronisation. Only
     ``host_values`` (CPU-generator draws) may read; kornia's AutoAugment is the documented exception."""
-    for aug in ("identity", "flip", "crop+flip", "cutout", "mixup", "cutmix", "cutmixpick"):
+    for aug in ("identity", "flip", "crop_flip", "cutout", "mixup", "cutmix", "cutmixpick"):
         tr = kd_trainer(teacher_dir, f"method.extra_aug={aug}", "method.lw_mix=[1, 0.5, 1]")
         batch = next(iter(tr.train_loader))
         tr.train_step(batch)

@@ -61,7 +61,7 @@ class DataConfig:
             and checked against the source's signature when the run is built (``peerdistill list datasets``).
     """
 
-    name: str = "fashion-mnist"
+    name: str = "fashion_mnist"
     root: str | None = None
     val_split: Fraction = 0.1
     padding: NonNegativeInt | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -12,8 +13,17 @@ from .params import check_value
 T = TypeVar("T")
 
 
+#: The rule every built-in key follows: lower-case words (letters and digits) joined by ``_``
+#: (``fashion_mnist``, ``cs_kd``, ``crop_flip``, ``wrn_16_1``). A ``+`` or ``-`` is never part of a key: where a
+#: key used one, the old spelling is registered as an alias of the canonical one.
+KEY_RULE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+
+
 class Registry(Generic[T]):
     """Maps a lowercase key to a constructor (class or factory function).
+
+    A key may have aliases (older spellings): every method of the registry accepts them, ``canonical`` turns
+    one into the key, and iteration yields canonical keys only.
 
     Example:
         >>> MODELS = Registry("model")
@@ -24,17 +34,30 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, Callable[..., T]] = {}
+        self._aliases: dict[str, str] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register a constructor under ``name`` (and ``aliases``, older spellings that keep working)."""
         def deco(obj: Callable[..., T]) -> Callable[..., T]:
-            if name in self._items:
-                raise KeyError(f"{self.kind} {name!r} registered twice")
+            for key in (name, *aliases):
+                if key in self._items or key in self._aliases:
+                    raise KeyError(f"{self.kind} {key!r} registered twice")
             self._items[name] = obj
+            self._aliases.update(dict.fromkeys(aliases, name))
             return obj
 
         return deco
 
+    def canonical(self, name: str) -> str:
+        """The key ``name`` stands for: the key itself, or the key an alias names (anything else: unchanged)."""
+        return self._aliases.get(name, name)
+
+    def aliases(self, name: str) -> list[str]:
+        """The older spellings of key ``name``."""
+        return sorted(a for a, key in self._aliases.items() if key == name)
+
     def get(self, name: str) -> Callable[..., T]:
+        name = self.canonical(name)
         if name not in self._items:
             raise PeerdistillError(
                 f"unknown {self.kind} {name!r}{nearest(name, self._items)}; "
@@ -69,7 +92,7 @@ class Registry(Generic[T]):
         return param_hints(self.get(name))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

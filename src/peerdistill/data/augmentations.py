@@ -120,7 +120,7 @@ class Flip(Augmentation):
         return Augmented(random_flip(x, ctx.gen, ctx.shard))
 
 
-@AUGMENTATIONS.register("crop+flip")
+@AUGMENTATIONS.register("crop_flip", aliases=("crop+flip",))
 class CropFlip(Augmentation):
     """Random crop of the original size from the zero-padded image, then a horizontal flip.
 
@@ -328,6 +328,7 @@ def aug_label(name: str, args: dict[str, Any] | None = None) -> str:
     (``cutmixpick:criterion=student_entropy``); ``none`` for no augmentation."""
     if not name or name == "none":
         return "none"
+    name = AUGMENTATIONS.canonical(name)  # crop+flip (an older spelling) is crop_flip
     defaults = augmentation_params(name)
     kept = {k: v for k, v in sorted((args or {}).items()) if k not in defaults or defaults[k] != v}
     return name + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in kept.items()) if kept else "")
@@ -360,6 +361,6 @@ def parse_aug_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 #: The paper's list (spec §5.2), in its order; CutMixPick (S. ent.) needs a student. Cutout's default is the
-#: code's (one hole location per batch); flip and crop+flip draw per image (their ``same_on_batch`` is the code's).
-PAPER_AUGS = ("identity", "flip", "crop+flip", "cutout", "autoaugment", "mixup", "cutmix",
+#: code's (one hole location per batch); flip and crop_flip draw per image (their ``same_on_batch`` is the code's).
+PAPER_AUGS = ("identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix",
               "cutmixpick:criterion=student_entropy", "cutmixpick:criterion=teacher_entropy")

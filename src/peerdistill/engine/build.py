@@ -163,7 +163,9 @@ def make_mixer(cfg: Config) -> Mixer | None:
 
 def resolve_components(cfg: Config) -> None:
     """Check every component's and the data source's arguments and fill in the defaults of the others, so
-    that the config written into a run (and compared on ``--resume``) names every value the run uses."""
+    that the config written into a run (and compared on ``--resume``) names every value the run uses.
+    Names given in an older spelling (an alias: ``fashion-mnist``) become the canonical key (``fashion_mnist``)."""
+    canonical_names(cfg)
     cfg.data.args = source_args(cfg.data)
     if "image_size" in DATASETS.params(cfg.data.name):
         if cfg.data.image_size is None:  # the config names the size used
@@ -182,6 +184,18 @@ def resolve_components(cfg: Config) -> None:
     for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
         if comp is not None:
             comp.args = registry.resolve(comp.name, comp.args)
+
+
+def canonical_names(cfg: Config) -> None:
+    """Every registry name of the config in its canonical spelling (aliases resolved; unknown names unchanged,
+    for the registry's own error later)."""
+    cfg.data.name = DATASETS.canonical(cfg.data.name)
+    names = cfg.model_names
+    if any(MODELS.canonical(n) != n for n in names):
+        cfg.model.name = ",".join(MODELS.canonical(n) for n in names)
+    for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
+        if comp is not None:
+            comp.name = registry.canonical(comp.name)
 
 
 @dataclass

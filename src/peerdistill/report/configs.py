@@ -35,12 +35,24 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     cfg = _merge({k: v for k, v in defaults.items() if k not in REGISTRIES}, raw)
     for key, registry in REGISTRIES.items():  # a component is replaced whole, never merged with the default
         comp = _component(raw.get(key, defaults.get(key)))
+        if comp is not None:
+            comp = {**comp, "name": canonical_name(registry, comp["name"])}
         cfg[key] = None if comp is None else {"name": comp["name"], **component_defaults(registry, comp["name"]),
                                               **comp}
     if isinstance(cfg.get("data"), dict):  # the data source's own parameters, at their defaults where not set
-        source = component_defaults(DATASETS, cfg["data"].get("name", ""), ENGINE_ARGS["data"])
-        cfg["data"] = {**source, **cfg["data"]}
+        name = canonical_name(DATASETS, cfg["data"].get("name", ""))
+        source = component_defaults(DATASETS, name, ENGINE_ARGS["data"])
+        cfg["data"] = {**source, **cfg["data"], "name": name}
     return cfg
+
+
+def canonical_name(registry: Registry[Any], name: Any) -> Any:
+    """A registry name (or a comma-separated list of model names) in its canonical spelling: a run written
+    with an older spelling (``fashion-mnist``) compares equal to one written with the key (``fashion_mnist``)."""
+    if not isinstance(name, str):
+        return name
+    parts = [p.strip() for p in name.split(",")]
+    return name if all(registry.canonical(p) == p for p in parts) else ",".join(registry.canonical(p) for p in parts)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
