@@ -19,7 +19,6 @@ from ..data.stream import HostTransform
 from ..data.streamed import StreamSplits, default_workers, should_stream, stream_bundle
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
-from ..metrics.robust_options import options_from_mapping
 from ..models import MODELS
 from ..models.adapt import check_peers
 from ..models.base import check_model_args
@@ -216,7 +215,7 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     if cfg.mixer is not None:
         make_mixer(cfg)
     if cfg.robustness is not None:
-        options_from_mapping(cfg.robustness).check()
+        dataclasses.replace(cfg.robustness).check()  # the options together (each was checked when read)
     if len(cfg.optim.betas) != 2:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)

@@ -16,6 +16,7 @@ from ..errors import PeerdistillError
 from ..methods import ADDONS, METHODS
 from ..models import MODELS
 from ..registry import Registry, plain
+from ..robust_options import normalised_section
 
 # The registry behind each component key.
 REGISTRIES: dict[str, Registry[Any]] = {"method": METHODS, "model": MODELS, "mixer": MIXERS, "addon": ADDONS}
@@ -39,6 +40,7 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
             comp = {**comp, "name": canonical_name(registry, comp["name"])}
         cfg[key] = None if comp is None else {"name": comp["name"], **component_defaults(registry, comp["name"]),
                                               **comp}
+    cfg["robustness"] = normalised_section(cfg.get("robustness"))  # stored as given, compared with its defaults
     if isinstance(cfg.get("data"), dict):  # the data source's own parameters, at their defaults where not set
         name = canonical_name(DATASETS, cfg["data"].get("name", ""))
         source = component_defaults(DATASETS, name, ENGINE_ARGS["data"])
