@@ -21,7 +21,7 @@ from peerdistill.report.correlation import canonical_label
 from peerdistill.run import check_resume, train
 from peerdistill.sweep.study import config_change
 
-from .conftest import TINY, tiny_cfg
+from .conftest import TINY
 
 OLD = {"fashion-mnist": (DATASETS, "fashion_mnist"), "tiny-imagenet": (DATASETS, "tiny_imagenet"),
        "crop+flip": (AUGMENTATIONS, "crop_flip")}
@@ -88,11 +88,12 @@ def test_a_run_written_with_the_old_spelling_compares_equal(tmp_path):
 
 
 def test_a_killed_run_written_with_an_old_spelling_resumes_to_the_same_result(tmp_path, monkeypatch):
-    """End to end through the CLI: the stored config.yaml names the dataset by an alias (a spelling the
-    registry had before a rename); ``train --resume`` accepts it and finishes with the uninterrupted numbers."""
-    monkeypatch.setitem(DATASETS._aliases, "synthetic-data", "synthetic")
+    """End to end through the CLI: the stored config.yaml names its model by an alias (a spelling the registry
+    had before a rename; the tiny synthetic run needs no dataset files); ``train --resume`` accepts it and
+    finishes with the uninterrupted run's numbers."""
+    monkeypatch.setitem(MODELS._aliases, "res-net8", "resnet8")
     over = [*TINY, "epochs=2", "data.val_split=0"]
-    full = train(tiny_cfg("epochs=2", "data.val_split=0"), tmp_path / "full", echo=False)
+    full = train(C.load(None, over), tmp_path / "full", echo=False)
     from peerdistill.report.logger import RunLogger
 
     real = RunLogger.epoch
@@ -108,8 +109,8 @@ def test_a_killed_run_written_with_an_old_spelling_resumes_to_the_same_result(tm
     monkeypatch.setattr(RunLogger, "epoch", real)
     stored = tmp_path / "cut" / "config.yaml"
     raw = yaml.safe_load(stored.read_text())
-    assert raw["data"]["name"] == "synthetic"
-    raw["data"]["name"] = "synthetic-data"
+    assert raw["model"]["name"] == "resnet8"
+    raw["model"]["name"] = "res-net8"
     stored.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
     resumed = json.loads((tmp_path / "cut" / "summary.json").read_text())

@@ -52,6 +52,14 @@ class Registry(Generic[T]):
         """The key ``name`` stands for: the key itself, or the key an alias names (anything else: unchanged)."""
         return self._aliases.get(name, name)
 
+    def canonical_list(self, names: str) -> str:
+        """A comma-separated list of names (a heterogeneous cohort's ``resnet8,resnet14``) with each name
+        canonical; the text itself when every name already is (its spacing kept)."""
+        parts = [p.strip() for p in names.split(",")]
+        if all(self.canonical(p) == p for p in parts):
+            return names
+        return ",".join(self.canonical(p) for p in parts)
+
     def aliases(self, name: str) -> list[str]:
         """The older spellings of key ``name``."""
         return sorted(a for a, key in self._aliases.items() if key == name)

@@ -189,9 +189,7 @@ def canonical_names(cfg: Config) -> None:
     """Every registry name of the config in its canonical spelling (aliases resolved; unknown names unchanged,
     for the registry's own error later)."""
     cfg.data.name = DATASETS.canonical(cfg.data.name)
-    names = cfg.model_names
-    if any(MODELS.canonical(n) != n for n in names):
-        cfg.model.name = ",".join(MODELS.canonical(n) for n in names)
+    cfg.model.name = MODELS.canonical_list(cfg.model.name)
     for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
         if comp is not None:
             comp.name = registry.canonical(comp.name)

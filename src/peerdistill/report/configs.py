@@ -51,10 +51,7 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
 def canonical_name(registry: Registry[Any], name: Any) -> Any:
     """A registry name (or a comma-separated list of model names) in its canonical spelling: a run written
     with an older spelling (``fashion-mnist``) compares equal to one written with the key (``fashion_mnist``)."""
-    if not isinstance(name, str):
-        return name
-    parts = [p.strip() for p in name.split(",")]
-    return name if all(registry.canonical(p) == p for p in parts) else ",".join(registry.canonical(p) for p in parts)
+    return registry.canonical_list(name) if isinstance(name, str) else name
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
