@@ -50,12 +50,13 @@ def _encode(pixels: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _render(garment: np.ndarray, rng: np.random.Generator, sides: tuple[int, int]) -> np.ndarray:
+def _render(garment: np.ndarray, rng: np.random.Generator, sides: tuple[int, int],
+            aspect_range: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
     """The clean tinted, upscaled image (float32 HWC in [0, 255]) before noise."""
     from PIL import Image
 
     short = int(rng.integers(sides[0], sides[1] + 1))
-    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+    aspect = float(np.exp(rng.uniform(np.log(aspect_range[0]), np.log(aspect_range[1]))))
     w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     fg, bg0, bg1 = rng.uniform(40, 255, 3), rng.uniform(0, 200, 3), rng.uniform(0, 200, 3)
     big = Image.fromarray(garment).resize((w, h), Image.Resampling.BICUBIC)
@@ -72,9 +73,10 @@ def _noised(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nda
 
 
 def make_image(garment: np.ndarray, rng: np.random.Generator, sides: tuple[int, int] = (200, 500),
-               target_kb: tuple[float, float] | None = (75, 110), quality: int = 90) -> bytes:
+               target_kb: tuple[float, float] | None = (75, 110), quality: int = 90,
+               aspect: tuple[float, float] = (3 / 4, 4 / 3)) -> bytes:
     """One ImageNet-like JPEG from a 28x28 grey garment; ``target_kb=None``: a fixed, light noise."""
-    clean = _render(garment, rng, sides)
+    clean = _render(garment, rng, sides, aspect)
     seed = int(rng.integers(2**31))
     if target_kb is None:
         return _encode(_noised(clean, 6.0, np.random.default_rng(seed)), quality)
@@ -90,7 +92,7 @@ def make_image(garment: np.ndarray, rng: np.random.Generator, sides: tuple[int, 
 
 def make_imagenet_like(root: str | Path, n_train: int, n_val: int = 0, n_classes: int = 10, seed: int = 0,
                        sides: tuple[int, int] = (200, 500), target_kb: tuple[float, float] | None = (75, 110),
-                       quality: int = 90) -> dict[str, list[int]]:
+                       quality: int = 90, aspect: tuple[float, float] = (3 / 4, 4 / 3)) -> dict[str, list[int]]:
     """Write ``root/train`` (and ``root/val``) class folders of ImageNet-like JPEGs.
 
     Args:
@@ -101,6 +103,7 @@ def make_imagenet_like(root: str | Path, n_train: int, n_val: int = 0, n_classes
         sides: Range of the shorter side in pixels.
         target_kb: Range of the file-size targets, or None for a fixed noise level (tiny test images).
         quality: JPEG quality.
+        aspect: Range of the aspect ratio (width / height); ``(1, 1)`` writes square images.
 
     Returns:
         The file sizes in bytes written per split.
@@ -115,7 +118,7 @@ def make_imagenet_like(root: str | Path, n_train: int, n_val: int = 0, n_classes
         sizes[split] = []
         for i in range(n):
             rng = np.random.default_rng([seed, split_id, i])
-            data = make_image(x[i % len(x)], rng, sides, target_kb, quality)
+            data = make_image(x[i % len(x)], rng, sides, target_kb, quality, aspect)
             (Path(root) / split / slugs[y[i % len(x)]] / f"{split}_{i:07d}.jpg").write_bytes(data)
             sizes[split].append(len(data))
     return sizes

@@ -15,8 +15,8 @@ import yaml
 from peerdistill.cli import main
 from peerdistill.config import load
 from peerdistill.data.batch_augment import BatchAugment
-from peerdistill.data.augmentations import (AUGMENTATIONS, AUTOAUGMENT_EXTRA, PAPER_AUGS, aug_label, build_augmentation,
-                                           to_uint8)
+from peerdistill.data.augmentations import AUGMENTATIONS, PAPER_AUGS, aug_label, build_augmentation, to_uint8
+from peerdistill.data.policy import KORNIA_EXTRA
 from peerdistill.data.mix import MIXERS, random_perm
 from peerdistill.data.pick import CutMixPick
 from peerdistill.data.views import ViewContext
@@ -194,7 +194,7 @@ def test_missing_kornia_is_a_one_line_error_naming_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_kornia)
     with pytest.raises(PeerdistillError) as e:
         build_augmentation("autoaugment")
-    assert AUTOAUGMENT_EXTRA in str(e.value) and "\n" not in str(e.value)
+    assert KORNIA_EXTRA in str(e.value) and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------ CutMixPick

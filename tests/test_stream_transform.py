@@ -229,3 +229,12 @@ def test_evaluation_rows_cover_every_sample_once(tree: Path) -> None:
     px, labels, index = _all(StreamLoader(ds), sequential_rows(len(s), 4), 0)
     assert px.shape == (len(s), 1, 24, 24, 3) and index.tolist() == list(range(len(s)))
     assert torch.equal(px, _all(StreamLoader(ds), sequential_rows(len(s), 4), 5)[0])  # no draws in eval
+
+
+def test_reused_draws_equal_fresh_generators() -> None:
+    from peerdistill.data.stream.protocol import SampleDraws
+
+    draws = SampleDraws()
+    for key in [(0, 0, 0, 0), (3, 1, 7, 0), (3, 1, 7, 1), (2**40, 5, 10**9, 2)]:
+        np.testing.assert_array_equal(draws.at(*key).random(30), sample_rng(*key).random(30))
+    assert rrc_box(400, 300, draws.at(1, 2, 3, 0)) == rrc_box(400, 300, sample_rng(1, 2, 3, 0))

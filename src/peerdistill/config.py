@@ -40,6 +40,13 @@ class DataConfig:
         padding: random-crop padding in pixels (default: the dataset's standard one).
         flip: random horizontal flips (default: the dataset's standard augmentation).
         cutout: side in pixels of a Cutout square cut from every training image; 0 = none.
+        auto_augment: ``randaugment`` or ``trivialaugment`` on every training image after its crop and flip
+            (kornia's operations, on the device; needs the ``autoaugment`` extra); ``none`` = off.
+        ra_n: RandAugment's operations per image.
+        ra_m: RandAugment's magnitude on the 0-30 scale of kornia and torchvision (whose default, 9, is this
+            one's; timm's ``rand-m9``, 9 of 10, is 27).
+        auto_augment_select: ``image``: each image draws its own operations (the published recipes);
+            ``batch``: one draw for the whole batch (kornia's own behaviour; fewer, larger calls).
         train_subset: N > 0 draws exactly N images of the dataset's training set as the labelled pool, before
             the validation split (which then takes ``round(val_split x N)`` of them); every class gets its share
             of N in proportion to its size (largest remainders, ties to the lower class). 0 = the whole set.
@@ -68,6 +75,10 @@ class DataConfig:
     padding: NonNegativeInt | None = None
     flip: bool | None = None
     cutout: NonNegativeInt = 0
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    ra_n: PositiveInt = 2
+    ra_m: Annotated[int, Interval(ge=1, le=29)] = 9
+    auto_augment_select: Literal["image", "batch"] = "image"
     train_subset: NonNegativeInt = 0
     holdout_classes: list[NonNegativeInt] = field(default_factory=list)
     eval_batch_size: PositiveInt = 1000

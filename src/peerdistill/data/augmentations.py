@@ -14,9 +14,7 @@ too: its mixed batch is the augmented batch and its record says how the labels m
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,9 +28,9 @@ from .batch_augment import cutout, random_crop, random_flip
 from .host import host_values, to_device
 from .mix import MIXERS, CutMix, Mixer, MixRecord, MixUp
 from .pick import CutMixPick
+from .policy import kornia_auto, seeded
 from .views import ViewContext
 
-AUTOAUGMENT_EXTRA = "pip install 'peerdistill[autoaugment]'"  # the optional extra that brings kornia
 
 
 @dataclass
@@ -238,31 +236,18 @@ class AutoAugment(Augmentation):
     def _call(op: Any, x: Tensor, ctx: ViewContext) -> Tensor:
         seed = host_values(torch.randint(0, 2**62, (), generator=ctx.gen))
         # kornia draws for the local batch only: under torchrun each process seeds its calls by its rank
-        with _seeded((seed + 7919 * ctx.shard[0]) % 2**62, x.device):
+        with seeded((seed + 7919 * ctx.shard[0]) % 2**62, x.device):
             return op(x)
 
 
 def _kornia() -> Any:
-    try:
-        import kornia.augmentation.auto as auto
-    except ImportError:
-        raise PeerdistillError(f"augmentation 'autoaugment' needs kornia: {AUTOAUGMENT_EXTRA}") from None
-    return auto
+    return kornia_auto("augmentation 'autoaugment'")
 
 
 def _policy_table(policy: str) -> list[Any]:
     """kornia's sub-policy list of ``policy`` (``cifar10_policy`` / ``imagenet_policy``)."""
     _kornia()
     return getattr(importlib.import_module("kornia.augmentation.auto.autoaugment.autoaugment"), f"{policy}_policy")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global RNG for one call and restore it (and the device's) afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 class MixerAugmentation(Augmentation):

@@ -1,11 +1,12 @@
-"""Batched augmentation on device tensors: random crop with zero padding, horizontal flip, cutout,
-normalisation. Every op draws per-sample randomness from the generator it is given."""
+"""Batched augmentation on device tensors: random crop with zero padding, horizontal flip, an optional
+RandAugment / TrivialAugment policy, cutout, normalisation. Every op draws per-sample randomness from the generator it is given."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .host import to_device
+from .policy import PolicyAugment
 
 
 class BatchAugment:
@@ -18,6 +19,7 @@ class BatchAugment:
         cutout: side of one zeroed square per image (DeVries & Taylor 2017; 0 disables), applied
             after normalisation as in the reference implementation (the hole is 0 in normalised space).
         channels_last: return the float batch in channels_last memory format.
+        policy: RandAugment / TrivialAugment on the uint8 images after the crop and flip (torchvision's order).
 
     Under DDP set ``shard = (rank, world_size)``: every random draw is then made for the global batch
     and this rank keeps rows ``rank::world_size`` -- the rows :class:`~peerdistill.data.loader.DeviceLoader`
@@ -25,10 +27,11 @@ class BatchAugment:
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: int = 4, flip: bool = True,
-                 cutout: int = 0, channels_last: bool = True) -> None:
+                 cutout: int = 0, channels_last: bool = True, policy: PolicyAugment | None = None) -> None:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.padding, self.flip, self.cutout, self.channels_last = padding, flip, cutout, channels_last
+        self.policy = policy
         self.shard = (0, 1)
 
     def normalize(self, x: Tensor) -> Tensor:
@@ -45,6 +48,9 @@ class BatchAugment:
             x = random_crop(x, self.padding, gen, self.shard)
         if self.flip:
             x = random_flip(x, gen, self.shard)
+        if self.policy is not None:
+            self.policy.shard = self.shard
+            x = self.policy(x, gen)
         out = self.normalize(x)
         if self.cutout:
             out = cutout(out, self.cutout, gen, self.shard)

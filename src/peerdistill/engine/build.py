@@ -15,6 +15,7 @@ from ..data import DATASETS, DatasetSplits, ImageSet
 from ..data.batch_augment import BatchAugment
 from ..data.loader import DataBundle, split_to_device, stratified_subset
 from ..data.mix import MIXERS, Mixer
+from ..data.policy import PolicyAugment
 from ..data.stream import HostTransform
 from ..data.streamed import StreamSplits, default_workers, should_stream, stream_bundle
 from ..errors import PeerdistillError, nearest
@@ -149,11 +150,13 @@ def make_augment(cfg: Config, splits: DatasetSplits | StreamSplits, channels_las
     """The device augmentation: padded random crop and flip in memory; streamed, the host has cropped and
     flipped already, so normalisation (and Cutout) alone."""
     d = cfg.data
+    policy = None if d.auto_augment == "none" else PolicyAugment(d.auto_augment, d.ra_n, d.ra_m,
+                                                                 d.auto_augment_select)
     if isinstance(splits, StreamSplits):
-        return BatchAugment(splits.mean, splits.std, 0, False, d.cutout, channels_last)
+        return BatchAugment(splits.mean, splits.std, 0, False, d.cutout, channels_last, policy)
     pad = crop_padding(cfg, splits)
     flip = splits.flip if d.flip is None else d.flip
-    return BatchAugment(splits.mean, splits.std, pad, flip, d.cutout, channels_last)
+    return BatchAugment(splits.mean, splits.std, pad, flip, d.cutout, channels_last, policy)
 
 
 def make_mixer(cfg: Config) -> Mixer | None:

@@ -4,7 +4,7 @@ Training: V independent RandomResizedCrops (one per view, e.g. one per peer) of 
 resized to ``image_size`` (and mirrored with probability 1/2 when ``flip``). When every crop will be
 shrunk by 2x or more the JPEG is decoded at reduced size in the DCT first (never below the size any crop
 needs). Evaluation: the image resized so its shorter side is ``image_size / crop_pct``, then the centre
-``image_size`` square (V = 1). Every draw comes from :func:`~.protocol.sample_rng` of
+``image_size`` square (V = 1). Every draw comes from the :func:`~.protocol.sample_rng` stream of
 ``(seed, epoch, sample index, view)``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .codec import decode, image_size, reduction, resize
-from .protocol import Box, eval_geometry, rrc_box, sample_rng
+from .protocol import Box, SampleDraws, eval_geometry, rrc_box
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class HostTransform:
         """Each training view's crop box and whether it is mirrored."""
         out = []
         for v in range(self.views):
-            rng = sample_rng(self.seed, epoch, index, v)
+            rng = _DRAWS.at(self.seed, epoch, index, v)
             box = rrc_box(width, height, rng, self.scale, self.ratio)
             out.append((box, bool(self.flip and rng.random() < 0.5)))
         return out
@@ -93,6 +93,9 @@ class HostTransform:
         (nw, nh), (x, y, w, h) = eval_geometry(width, height, self.image_size, self.crop_pct)
         pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)))
         out.copy_(resize(pixels, (nw, nh))[y:y + h, x:x + w])
+
+
+_DRAWS = SampleDraws()  # one per process: workers and the training process each draw one view at a time
 
 
 def empty_views(n: int, t: HostTransform) -> Tensor:
