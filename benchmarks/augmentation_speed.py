@@ -22,7 +22,7 @@ from peerdistill.data.batch_augment import BatchAugment
 from peerdistill.data.augmentations import build_augmentation, parse_aug_spec
 from peerdistill.data.views import ViewContext
 
-AUGS = ["identity", "flip", "crop+flip", "cutout", "mixup", "cutmix", "autoaugment:select=batch",
+AUGS = ["identity", "flip", "crop_flip", "cutout", "mixup", "cutmix", "autoaugment:select=batch",
         "autoaugment:select=image"]
 
 

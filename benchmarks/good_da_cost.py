@@ -18,7 +18,7 @@ from peerdistill.config import load
 from peerdistill.run import train
 from peerdistill.engine.trainer import Trainer
 
-FM = ["data.name=fashion-mnist", "data.train_subset=2000", "progress=false", "tensorboard=false", "threads=1",
+FM = ["data.name=fashion_mnist", "data.train_subset=2000", "progress=false", "tensorboard=false", "threads=1",
       "batch_size=128"]
 
 

@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", default=["model=resnet8", "epochs=2", "data.train_subset=20000"],
                    help="the shared budget (default: model=resnet8 epochs=2 data.train_subset=20000)")
     a = p.parse_args()
-    base = ["method=dml", "peers=2", "data.name=fashion-mnist", *a.overrides]
+    base = ["method=dml", "peers=2", "data.name=fashion_mnist", *a.overrides]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         for seed in a.seeds:  # interleave the settings so machine noise hits both alike

@@ -2,8 +2,9 @@
 
     python studies/results.py [--runs runs] [--out docs/RESULTS.md]
 
-For each of the five papers: its claim in one line, the rows that test it, and a verdict from a Welch t-test
-over seeds (scipy.stats): **reproduced** when the difference has the claimed sign with p < 0.05,
+For each of the five papers: its claim in one line, the rows that test it (the table :data:`CLAIMS`: claim, study,
+rows compared, metric, claimed direction, significance level), and a verdict from a Welch t-test over seeds
+(scipy.stats), all claims evaluated by :func:`verdicts`: **reproduced** when the difference has the claimed sign with p < 0.05,
 **contradicted** when it has the opposite sign with p < 0.05, **inconclusive at this budget** otherwise, with
 the difference, its standard error and p printed so the reader sees what decides it. The studies' own tables
 (runs/<study>/study.md) are embedded, and the wall time of each study comes from its study.json.
@@ -99,13 +100,14 @@ def fmt_p(p: float, prefix: bool = True) -> str:
 # ------------------------------------------------------------------------------------------ verdicts
 @dataclass
 class Test:
-    """One comparison: ``a`` is claimed to be higher (``higher=True``) or lower than ``b``."""
+    """One comparison: ``a`` is claimed to be higher (``higher=True``) or lower than ``b`` (significance ``alpha``)."""
 
     label: str
     a: list[float]
     b: list[float]
     higher: bool = True
     unit: str = "points"
+    alpha: float = ALPHA
 
     def verdict(self) -> tuple[str, str]:
         from scipy import stats
@@ -116,7 +118,7 @@ class Test:
         se = math.sqrt(statistics.variance(self.a) / len(self.a) + statistics.variance(self.b) / len(self.b))
         p = float(stats.ttest_ind(self.a, self.b, equal_var=False).pvalue) if se > 0 else (0.0 if diff else 1.0)
         right = diff > 0 if self.higher else diff < 0
-        word = ("reproduced" if right else "contradicted") if p < ALPHA else "inconclusive at this budget"
+        word = ("reproduced" if right else "contradicted") if p < self.alpha else "inconclusive at this budget"
         digits = 3 if self.unit == "nats" else 2
         return word, (f"Δ = {diff:+.{digits}f} ± {se:.{digits}f} {self.unit} (difference of means ± its standard "
                       f"error), Welch {fmt_p(p)}, n = {len(self.a)} vs {len(self.b)} seeds")
@@ -128,6 +130,134 @@ def verdict_lines(tests: list[Test]) -> list[str]:
         word, detail = t.verdict()
         out.append(f"- {t.label}: **{word}** — {detail}.")
     return out
+
+
+# ------------------------------------------------------------------------------------------ the claims, as data
+Metric = tuple[str, ...]  # ("final", head, metric): a head's final test metric; ("eval", *keys): a value of eval.json
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper: in ``study``, row ``a`` has a higher (``higher``) or lower ``metric`` than row ``b``,
+    judged by a Welch t-test over seeds at significance ``alpha``."""
+
+    label: str
+    study: str
+    a: str
+    b: str
+    metric: Metric
+    higher: bool = True
+    unit: str = "points"
+    alpha: float = ALPHA
+
+
+def getter(metric: Metric) -> Any:
+    """The run reader of a claim's metric."""
+    kind, *path = metric
+    if kind == "final":
+        return final(*path)
+    if kind == "eval":
+        return eval_key(*path)
+    raise ValueError(f"unknown metric kind {kind!r}")
+
+
+def verdicts(runs: Path, claims: list[Claim]) -> list[str]:
+    """The one evaluation of claims: each claim's rows read from its study's runs, tested, one line each."""
+    rows: dict[str, dict[str, Row]] = {}
+    tests = []
+    for c in claims:
+        study = rows.setdefault(c.study, load_rows(runs, c.study))
+        get = getter(c.metric)
+        tests.append(Test(c.label, vals(study, c.a, get), vals(study, c.b, get), c.higher, c.unit, c.alpha))
+    return verdict_lines(tests)
+
+
+def top1(head: str) -> Metric:
+    return ("final", head, "top1")
+
+
+def nll(head: str) -> Metric:
+    return ("final", head, "nll")
+
+
+def ece(head: str) -> Metric:
+    return ("final", head, "ece")
+
+
+PEERS, EMA0, ENSEMBLE, PEER0 = top1("peers"), top1("ema0"), top1("ensemble"), top1("peer0")
+FGSM2 = ("eval", "latest", "adversarial", "fgsm", "peer0", "2/255")
+FGSM8 = ("eval", "latest", "adversarial", "fgsm", "peer0", "8/255")
+MCA = ("eval", "latest", "corruptions", "mca", "peer0")
+AUROC = ("eval", "latest", "ood", "holdout", "peer0", "msp", "auroc")
+
+#: The claims each section of RESULTS.md tests, in the order it prints them.
+CLAIMS: dict[str, list[Claim]] = {
+    # the online study's subset for 200 epochs (studies/budget.yaml)
+    "budget": [
+        Claim("DML > independent peers (top-1)", "budget", "dml", "independent", PEERS),
+        Claim("DML NLL < independent peers", "budget", "dml", "independent", nll("peers"), False, "nats"),
+        Claim("DML ECE < independent peers", "budget", "dml", "independent", ece("peers"), False),
+        Claim("DML ensemble > independent ensemble (top-1)", "budget", "dml", "independent", ENSEMBLE),
+        Claim("MCL > independent peers (top-1)", "budget", "mcl", "independent", PEERS),
+        Claim("MCL > DML (top-1)", "budget", "mcl", "dml", PEERS),
+        Claim("PCL > DML (top-1)", "budget", "pcl", "dml", PEERS),
+        Claim("DKEL > PCL (peers top-1)", "budget", "dkel", "pcl", PEERS),
+        Claim("DKEL > PCL (teacher head ema0 top-1)", "budget", "dkel", "pcl", EMA0),
+    ],
+    # 1. Mixed Sample Augmentation for Online Distillation
+    "msa": [
+        Claim("DML + CutMix > DML", "mixed_samples", "dml+cutmix", "dml", PEERS),
+        Claim("DML + Cut^nMix > DML + CutMix", "mixed_samples", "dml+cutnmix", "dml+cutmix", PEERS),
+        Claim("+ feature-level mutual learning > DML + Cut^nMix", "mixed_samples", "+feature-ml", "dml+cutnmix", PEERS),
+        Claim("+ self-ensemble teacher (the framework) > + feature ML", "mixed_samples", "+self-ensemble", "+feature-ml",
+              PEERS),
+        Claim("per-view mixes, peer re-run targets > one shared mix", "mixed_samples", "per-view-rerun", "dml+cutnmix",
+              PEERS),
+        Claim("per-view mixes, component targets > one shared mix", "mixed_samples", "per-view-components",
+              "dml+cutnmix", PEERS),
+    ],
+    # 2. MCL
+    "mcl": [
+        Claim("MCL > independent peers", "online_kd", "mcl", "independent", PEERS),
+        Claim("MCL > DML", "online_kd", "mcl", "dml", PEERS),
+        Claim("MCL ×4 > MCL ×2", "online_kd", "mcl4", "mcl", PEERS),
+        Claim("L-MCL > MCL", "online_kd", "lmcl", "mcl", PEERS),
+    ],
+    # 3. DKEL (on PCL), and PCL against the online baselines
+    "dkel": [
+        Claim("DKEL > PCL (peers)", "online_kd", "dkel", "pcl", PEERS),
+        Claim("DKEL > PCL (teacher head ema0)", "online_kd", "dkel", "pcl", EMA0),
+        Claim("DKEL with its initialisation > without (peers)", "online_kd", "dkel", "dkel-noinit", PEERS),
+        Claim("DKEL init 1+1 steps > init 20+1 steps (peers)", "online_kd", "dkel", "dkel-init20", PEERS),
+        Claim("DKEL fast decay (k = 3.75/epoch) > slow (0.75) (peers)", "online_kd", "dkel", "dkel-slowk", PEERS),
+        Claim("DKEL fixed EMA > the code's mean-teacher EMA (peers)", "online_kd", "dkel", "dkel-meanteacher", PEERS),
+        *(Claim(f"PCL > {label}", "online_kd", "pcl", row, PEERS)
+          for row, label in (("dml", "DML"), ("cl_ilr", "CL-ILR"), ("one", "ONE"), ("ffl", "FFL"),
+                             ("okddip", "OKDDIP"), ("kdcl", "KDCL"))),
+    ],
+    # 4. Good-DA: CutMixPick against CutMix (the T. stddev correlation is read from correlation.json)
+    "good_da": [
+        Claim("CutMixPick gives a lower student test loss than CutMix", "good_da", "extra_aug-cutmixpick",
+              "extra_aug-cutmix", nll("peer0"), False, "nats"),
+        Claim("CutMixPick gives a higher student top-1 than CutMix", "good_da", "extra_aug-cutmixpick",
+              "extra_aug-cutmix", PEER0),
+    ],
+    # 5. SD-Dropout, alone and added to other self-KD methods
+    "sdd": [
+        Claim("SD-Dropout top-1 > CE", "self_kd", "sd_dropout", "ce", PEER0),
+        Claim("SD-Dropout NLL < CE", "self_kd", "sd_dropout", "ce", nll("peer0"), False, "nats"),
+        Claim("SD-Dropout ECE < CE", "self_kd", "sd_dropout", "ce", ece("peer0"), False),
+        Claim("SD-Dropout FGSM 2/255 > CE", "self_kd", "sd_dropout", "ce", FGSM2),
+        Claim("SD-Dropout FGSM 8/255 > CE", "self_kd", "sd_dropout", "ce", FGSM8),
+        Claim("SD-Dropout mCA > CE", "self_kd", "sd_dropout", "ce", MCA),
+        Claim("SD-Dropout OOD AUROC > CE", "self_kd", "sd_dropout", "ce", AUROC),
+        Claim("SD-Dropout at λ = 0.1 ECE < CE", "self_kd", "sd_dropout-lam0.1", "ce", ece("peer0"), False),
+        Claim("SD-Dropout at λ = 0.1 top-1 > CE", "self_kd", "sd_dropout-lam0.1", "ce", PEER0),
+        *(claim for m in ("cs_kd", "ddgsd", "byot", "dml")
+          for claim in (Claim(f"{m} + SD-Dropout top-1 > {m}", "self_kd", f"{m}+sdd", m, PEER0),
+                        Claim(f"{m} + SD-Dropout ECE < {m}", "self_kd", f"{m}+sdd", m, ece("peer0"), False))),
+    ],
+}
 
 
 def table(runs: Path, study: str) -> str:
@@ -203,18 +333,7 @@ def long_budget(runs: Path) -> list[str]:
            f"{study_wall(runs, 'budget')}.", "", table(runs, "budget"), ""]
     if not rows:
         return out
-    peers, nll, ece, ens, ema0 = (final("peers"), final("peers", "nll"), final("peers", "ece"), final("ensemble"),
-                                  final("ema0"))
-    tests = [Test("DML > independent peers (top-1)", vals(rows, "dml", peers), vals(rows, "independent", peers)),
-             Test("DML NLL < independent peers", vals(rows, "dml", nll), vals(rows, "independent", nll), False, "nats"),
-             Test("DML ECE < independent peers", vals(rows, "dml", ece), vals(rows, "independent", ece), False),
-             Test("DML ensemble > independent ensemble (top-1)", vals(rows, "dml", ens), vals(rows, "independent", ens)),
-             Test("MCL > independent peers (top-1)", vals(rows, "mcl", peers), vals(rows, "independent", peers)),
-             Test("MCL > DML (top-1)", vals(rows, "mcl", peers), vals(rows, "dml", peers)),
-             Test("PCL > DML (top-1)", vals(rows, "pcl", peers), vals(rows, "dml", peers)),
-             Test("DKEL > PCL (peers top-1)", vals(rows, "dkel", peers), vals(rows, "pcl", peers)),
-             Test("DKEL > PCL (teacher head ema0 top-1)", vals(rows, "dkel", ema0), vals(rows, "pcl", ema0))]
-    return out + ["**Verdicts at 200 epochs** (mean peer test metrics unless named):", ""] + verdict_lines(tests) + [""]
+    return out + ["**Verdicts at 200 epochs** (mean peer test metrics unless named):", ""] + verdicts(runs, CLAIMS["budget"]) + [""]
 
 
 LONGER = ("The same subset trained for 200 epochs instead of 40 tests {} again, with the independent baseline's "
@@ -222,12 +341,9 @@ LONGER = ("The same subset trained for 200 epochs instead of 40 tests {} again, 
 
 
 def paper_sections(runs: Path) -> list[str]:
-    ok = load_rows(runs, "online_kd")
-    ms = load_rows(runs, "mixed_samples")
+    """The five papers: each one's claim in prose, its study and table, and the verdicts of its :data:`CLAIMS`."""
     sk = load_rows(runs, "self_kd")
     gd = load_rows(runs, "good_da")
-
-    peers, ema0 = final("peers"), final("ema0")
     out: list[str] = []
 
     out += ["## 1. Mixed Sample Augmentation for Online Distillation (CutMix, Cut^nMix, the framework)", "",
@@ -237,14 +353,7 @@ def paper_sections(runs: Path) -> list[str]:
             "`msa` are documented reconstructions, docs/methods.md.)", "",
             f"**Study** `studies/mixed_samples.yaml`: {study_wall(runs, 'mixed_samples')}.", "", table(runs, "mixed_samples"), "",
             "**Verdicts** (mean peer test top-1):", ""]
-    out += verdict_lines([
-        Test("DML + CutMix > DML", vals(ms, "dml+cutmix", peers), vals(ms, "dml", peers)),
-        Test("DML + Cut^nMix > DML + CutMix", vals(ms, "dml+cutnmix", peers), vals(ms, "dml+cutmix", peers)),
-        Test("+ feature-level mutual learning > DML + Cut^nMix", vals(ms, "+feature-ml", peers), vals(ms, "dml+cutnmix", peers)),
-        Test("+ self-ensemble teacher (the framework) > + feature ML", vals(ms, "+self-ensemble", peers), vals(ms, "+feature-ml", peers)),
-        Test("per-view mixes, peer re-run targets > one shared mix", vals(ms, "per-view-rerun", peers), vals(ms, "dml+cutnmix", peers)),
-        Test("per-view mixes, component targets > one shared mix", vals(ms, "per-view-components", peers), vals(ms, "dml+cutnmix", peers)),
-    ])
+    out += verdicts(runs, CLAIMS["msa"])
     out += [""]
 
     out += ["## 2. MCL: Online Knowledge Distillation via Mutual Contrastive Learning", "",
@@ -253,12 +362,7 @@ def paper_sections(runs: Path) -> list[str]:
             "(L-MCL) improves further.", "",
             f"**Study** `studies/online_kd.yaml` (rows mcl, mcl4, lmcl, dml, independent): {study_wall(runs, 'online_kd')}.", "",
             "**Verdicts** (mean peer test top-1):", ""]
-    out += verdict_lines([
-        Test("MCL > independent peers", vals(ok, "mcl", peers), vals(ok, "independent", peers)),
-        Test("MCL > DML", vals(ok, "mcl", peers), vals(ok, "dml", peers)),
-        Test("MCL ×4 > MCL ×2", vals(ok, "mcl4", peers), vals(ok, "mcl", peers)),
-        Test("L-MCL > MCL", vals(ok, "lmcl", peers), vals(ok, "mcl", peers)),
-    ])
+    out += verdicts(runs, CLAIMS["mcl"])
     out += ["", LONGER.format("MCL against independent peers and DML"), ""]
 
     out += ["## 3. DKEL: Decoupled Knowledge with Ensemble Learning (on PCL)", "",
@@ -270,15 +374,7 @@ def paper_sections(runs: Path) -> list[str]:
             table(runs, "online_kd"), "",
             "**Verdicts** (mean peer test top-1; `ema0` is the temporal-mean / teacher peer, the head the DKEL code "
             "evaluates):", ""]
-    tests = [Test("DKEL > PCL (peers)", vals(ok, "dkel", peers), vals(ok, "pcl", peers)),
-             Test("DKEL > PCL (teacher head ema0)", vals(ok, "dkel", ema0), vals(ok, "pcl", ema0)),
-             Test("DKEL with its initialisation > without (peers)", vals(ok, "dkel", peers), vals(ok, "dkel-noinit", peers)),
-             Test("DKEL init 1+1 steps > init 20+1 steps (peers)", vals(ok, "dkel", peers), vals(ok, "dkel-init20", peers)),
-             Test("DKEL fast decay (k = 3.75/epoch) > slow (0.75) (peers)", vals(ok, "dkel", peers), vals(ok, "dkel-slowk", peers)),
-             Test("DKEL fixed EMA > the code's mean-teacher EMA (peers)", vals(ok, "dkel", peers), vals(ok, "dkel-meanteacher", peers))]
-    tests += [Test(f"PCL > {b.upper() if b != 'cl_ilr' else 'CL-ILR'}", vals(ok, "pcl", peers), vals(ok, b, peers))
-              for b in ("dml", "cl_ilr", "one", "ffl", "okddip", "kdcl")]
-    out += verdict_lines(tests) + ["", LONGER.format("PCL against DML and DKEL against PCL"), ""]
+    out += verdicts(runs, CLAIMS["dkel"]) + ["", LONGER.format("PCL against DML and DKEL against PCL"), ""]
 
     out += ["## 4. What makes a “good” data augmentation in knowledge distillation (T. stddev, CutMixPick)", "",
             "**Claim.** The teacher's mean-probability standard deviation (T. stddev) under an augmentation predicts "
@@ -286,12 +382,7 @@ def paper_sections(runs: Path) -> list[str]:
             f"**Study** `studies/good_da_teacher.yaml` ({study_wall(runs, 'good_da_teacher')}), `peerdistill tstddev` "
             f"and `studies/good_da.yaml` ({study_wall(runs, 'good_da')}), then `peerdistill correlate`.", ""]
     out += good_da_block(runs, gd)
-    out += verdict_lines([
-        Test("CutMixPick gives a lower student test loss than CutMix", vals(gd, "extra_aug-cutmixpick", final("peer0", "nll")),
-             vals(gd, "extra_aug-cutmix", final("peer0", "nll")), higher=False, unit="nats"),
-        Test("CutMixPick gives a higher student top-1 than CutMix", vals(gd, "extra_aug-cutmixpick", final("peer0")),
-             vals(gd, "extra_aug-cutmix", final("peer0"))),
-    ])
+    out += verdicts(runs, CLAIMS["good_da"])
     out += ["", table(runs, "good_da"), ""]
 
     out += ["## 5. SD-Dropout: Self-Knowledge Distillation via Dropout", "",
@@ -301,24 +392,7 @@ def paper_sections(runs: Path) -> list[str]:
             f"**Study** `studies/self_kd.yaml`: {study_wall(runs, 'self_kd')}.", "", table(runs, "self_kd"), "",
             "**Verdicts** (peer 0; FGSM accuracy with ε in [0, 1] pixel units, mCA = mean corruption accuracy, "
             "AUROC with the two held-out classes as the OOD set, MSP score):", ""]
-    top1, nll, ece = final("peer0"), final("peer0", "nll"), final("peer0", "ece")
-    fgsm2 = eval_key("latest", "adversarial", "fgsm", "peer0", "2/255")
-    fgsm8 = eval_key("latest", "adversarial", "fgsm", "peer0", "8/255")
-    mca = eval_key("latest", "corruptions", "mca", "peer0")
-    auroc = eval_key("latest", "ood", "holdout", "peer0", "msp", "auroc")
-    tests = [Test("SD-Dropout top-1 > CE", vals(sk, "sd_dropout", top1), vals(sk, "ce", top1)),
-             Test("SD-Dropout NLL < CE", vals(sk, "sd_dropout", nll), vals(sk, "ce", nll), False, "nats"),
-             Test("SD-Dropout ECE < CE", vals(sk, "sd_dropout", ece), vals(sk, "ce", ece), False),
-             Test("SD-Dropout FGSM 2/255 > CE", vals(sk, "sd_dropout", fgsm2), vals(sk, "ce", fgsm2)),
-             Test("SD-Dropout FGSM 8/255 > CE", vals(sk, "sd_dropout", fgsm8), vals(sk, "ce", fgsm8)),
-             Test("SD-Dropout mCA > CE", vals(sk, "sd_dropout", mca), vals(sk, "ce", mca)),
-             Test("SD-Dropout OOD AUROC > CE", vals(sk, "sd_dropout", auroc), vals(sk, "ce", auroc))]
-    tests += [Test("SD-Dropout at λ = 0.1 ECE < CE", vals(sk, "sd_dropout-lam0.1", ece), vals(sk, "ce", ece), False),
-              Test("SD-Dropout at λ = 0.1 top-1 > CE", vals(sk, "sd_dropout-lam0.1", top1), vals(sk, "ce", top1))]
-    for m in ("cs_kd", "ddgsd", "byot", "dml"):
-        tests += [Test(f"{m} + SD-Dropout top-1 > {m}", vals(sk, f"{m}+sdd", top1), vals(sk, m, top1)),
-                  Test(f"{m} + SD-Dropout ECE < {m}", vals(sk, f"{m}+sdd", ece), vals(sk, m, ece), False)]
-    out += verdict_lines(tests) + [""]
+    out += verdicts(runs, CLAIMS["sdd"]) + [""]
     out += sdd_calibration(runs, sk)
     return out
 

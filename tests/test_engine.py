@@ -95,6 +95,6 @@ def test_gradients_reach_cohort_only_through_one_step():
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
-    for word in ("dml", "independent", "resnet32", "fashion-mnist", "synthetic", "cutmix", "mixup",
+    for word in ("dml", "independent", "resnet32", "fashion_mnist", "synthetic", "cutmix", "mixup",
                  "temperature=1.0"):
         assert word in text

@@ -15,9 +15,9 @@ import yaml
 from peerdistill.cli import main
 from peerdistill.config import load
 from peerdistill.data.batch_augment import BatchAugment
-from peerdistill.data.augmentations import PAPER_AUGS, aug_label, build_augmentation, to_uint8
+from peerdistill.data.augmentations import AUGMENTATIONS, PAPER_AUGS, aug_label, build_augmentation, to_uint8
 from peerdistill.data.policy import KORNIA_EXTRA
-from peerdistill.data.mix import random_perm
+from peerdistill.data.mix import MIXERS, random_perm
 from peerdistill.data.pick import CutMixPick
 from peerdistill.data.views import ViewContext
 from peerdistill.engine.checkpoint import load_checkpoint
@@ -93,6 +93,38 @@ def test_derangement_and_goodda_cutmix_never_pair_an_image_with_itself():
         assert out.mix is not None and not (out.mix.perms[1] == out.mix.perms[0]).any()
 
 
+@pytest.mark.parametrize("name", ["mixup", "cutmix"])
+def test_mixer_and_augmentation_of_one_name_are_one_definition_with_two_sets_of_defaults(name):
+    """``extra_aug=NAME`` and ``mixer=NAME`` are the one mixer: the same parameters, checks and kernel; only the
+    documented defaults differ (the augmentation mixes every batch; Good-DA's CutMix is a derangement)."""
+    good_da = {"mixup": {"prob": 1.0}, "cutmix": {"prob": 1.0, "derangement": True}}[name]
+    assert AUGMENTATIONS.params(name) == {**MIXERS.params(name), **good_da}
+    assert AUGMENTATIONS.hints(name) == MIXERS.hints(name)
+    with pytest.raises(PeerdistillError, match="parameter 'prob' of augmentation"):
+        build_augmentation(name, {"prob": 2})
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    mixer_defaults = {k: v for k, v in MIXERS.params(name).items()}
+    # same arguments, same seeded draws -> the same lambda, box, permutation and mixed images (and the same skips)
+    for args in ({}, mixer_defaults, {"alpha": 0.4, "prob": 0.5, "derangement": True}):
+        full = {**AUGMENTATIONS.params(name), **args}
+        for seed in range(12):
+            mixed, rec = MIXERS.build(name, **full)(x, torch.Generator().manual_seed(seed))
+            out = build_augmentation(name, args)(x, context(torch.Generator().manual_seed(seed))[0])
+            assert (rec is None) == (out.mix is None)
+            assert torch.equal(out.x, mixed)
+            if rec is not None:
+                assert torch.equal(out.mix.perms, rec.perms) and torch.equal(out.mix.weights, rec.weights)
+                assert torch.equal(out.mix.pixel_weights, rec.pixel_weights)
+    # with the mixer's defaults the augmentation is mixer=NAME draw for draw, skipped batches included
+    skips = 0
+    for seed in range(12):
+        mixed, rec = MIXERS.build(name)(x, torch.Generator().manual_seed(seed))
+        out = build_augmentation(name, mixer_defaults)(x, context(torch.Generator().manual_seed(seed))[0])
+        assert torch.equal(out.x, mixed) and (rec is None) == (out.mix is None)
+        skips += rec is None
+    assert skips == 0 if name == "mixup" else 0 < skips < 12  # cutmix's mixer default mixes half the batches
+
+
 def test_pixel_augmentations_work_on_the_exact_uint8_images_of_the_view():
     g = torch.Generator().manual_seed(0)
     ctx, ba = context(g)
@@ -102,7 +134,7 @@ def test_pixel_augmentations_work_on_the_exact_uint8_images_of_the_view():
     flipped = build_augmentation("flip", {"same_on_batch": True})
     outs = [flipped(x, context(torch.Generator().manual_seed(s))[0]).x for s in range(8)]
     assert any(torch.equal(o, ba.normalize(u.flip(3))) for o in outs) and any(torch.equal(o, x) for o in outs)
-    crop = build_augmentation("crop+flip", {"padding": 2})
+    crop = build_augmentation("crop_flip", {"padding": 2})
     out = to_uint8(crop(x, ctx).x, ctx)
     for i in range(8):  # every image is a (flipped) shifted window of the zero-padded original
         padded = torch.nn.functional.pad(u[i], (2, 2, 2, 2))
@@ -269,7 +301,7 @@ def test_protocol_loss_matches_an_independent_computation(teacher_dir):
 
 
 def test_protocol_trains_with_every_paper_augmentation_and_a_picker_mixer(teacher_dir):
-    augs = ["identity", "flip", "crop+flip", "cutout", "mixup", "cutmix", "cutmixpick"]
+    augs = ["identity", "flip", "crop_flip", "cutout", "mixup", "cutmix", "cutmixpick"]
     augs += ["autoaugment"] if _has("kornia") else []
     for aug in augs:
         tr = kd_trainer(teacher_dir, f"method.extra_aug={aug}")
@@ -405,7 +437,7 @@ def _has(module: str) -> bool:
 def test_protocol_step_reads_nothing_back_to_the_host(teacher_dir, monkeypatch):
     """As for every method (tests/test_methods.py): on a GPU each host read is a synchronisation. Only
     ``host_values`` (CPU-generator draws) may read; kornia's AutoAugment is the documented exception."""
-    for aug in ("identity", "flip", "crop+flip", "cutout", "mixup", "cutmix", "cutmixpick"):
+    for aug in ("identity", "flip", "crop_flip", "cutout", "mixup", "cutmix", "cutmixpick"):
         tr = kd_trainer(teacher_dir, f"method.extra_aug={aug}", "method.lw_mix=[1, 0.5, 1]")
         batch = next(iter(tr.train_loader))
         tr.train_step(batch)

@@ -69,7 +69,7 @@ def test_a_parameter_of_another_source_is_refused(capsys, tmp_path):
     out = tmp_path / "r"
     err = one_line_error(capsys, "train", "--out", str(out), "data.name=fashion-mnist", "data.image_size=64",
                          f"data.root={tmp_path / 'nowhere'}")  # refused before the data is looked for
-    assert "dataset 'fashion-mnist' has images of a fixed size; data.image_size applies to" in err
+    assert "dataset 'fashion_mnist' has images of a fixed size; data.image_size applies to" in err
     assert not out.exists()
     err = one_line_error(capsys, "train", "--out", str(out), "data.name=imagefolder", "data.root=x",
                          "data.image_size=abc")

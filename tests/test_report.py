@@ -80,6 +80,7 @@ def test_table_pools_a_run_whatever_defaults_its_config_spells_out(tmp_path):
     for key in ("addon", "eval_every", "wandb", "progress_every"):  # keys an older version did not write
         old_cfg.pop(key, None)
     old_cfg["optim"].pop("name", None)
+    old_cfg["data"]["name"] = "fashion-mnist"  # the dataset's older spelling (an alias): the same experiment
     old = _fake_run(tmp_path / "old", old_cfg, seed=2, method="dml")
     hot = _fake_run(tmp_path / "hot", seed=0, method={"name": "dml", "temperature": 2.0})
     gone = _fake_run(tmp_path / "gone", seed=0, method={"name": "retired_method", "foo": 1})
@@ -89,11 +90,11 @@ def test_table_pools_a_run_whatever_defaults_its_config_spells_out(tmp_path):
     rows = _rows(markdown_table(load_runs([plain, preset, old, hot, gone, cut, cut_preset])))
 
     assert len(rows) == 4, rows
-    assert rows[0].startswith("| dml · resnet14 x2 · fashion-mnist · 5 ep | 3 |")  # seeds counted
+    assert rows[0].startswith("| dml · resnet14 x2 · fashion_mnist · 5 ep | 3 |")  # seeds counted
     assert "temperature" not in rows[0] and "weight" not in rows[0]  # default-valued args are not printed
     assert rows[1].startswith("| dml(temperature=2.0) · ")
     assert rows[2].startswith("| retired_method(foo=1) · ")  # an unknown name is grouped as written
-    assert rows[3].startswith("| dml + cutmix · resnet14 x2 · fashion-mnist · 5 ep | 2 |")
+    assert rows[3].startswith("| dml + cutmix · resnet14 x2 · fashion_mnist · 5 ep | 2 |")
 
 
 def test_table_labels_show_the_keys_that_differ_between_rows(tmp_path):

@@ -21,7 +21,7 @@ from peerdistill.cli import main
 from peerdistill.data import DATASETS
 from peerdistill.data import mnist as mnist_mod
 from peerdistill.evaluation import robust as R
-from peerdistill.metrics import robust_options as RO
+from peerdistill import robust_options as RO
 from peerdistill import run as run_mod
 from peerdistill.evaluation.ood_sets import match_channels, ood_sets
 from peerdistill.engine.trainer import Trainer

@@ -153,3 +153,40 @@ def test_imagenet_study_runs_each_preset_under_torchrun_through_submitit(tmp_pat
             (preset.method.name, preset.model.name, preset.epochs, preset.batch_size), run.name
         assert all(run.config.method.args[k] == v for k, v in preset.method.args.items()), run.name
         assert run.config.data.name == "imagefolder" and run.config.data.root == "~/data/imagenet"
+
+
+def test_the_claims_table_writes_the_document_the_code_wrote_before(tmp_path, monkeypatch):
+    """Every paper's claims are data (``results.CLAIMS``) evaluated by one function (``results.verdicts``): on a
+    complete made-up runs tree the document is byte for byte the one written when the claims were code
+    (tests/data/results_fixture.md, written by that code from the same tree)."""
+    from .studies_fixture import write_runs
+
+    runs = write_runs(tmp_path / "runs")
+    out = tmp_path / "docs" / "RESULTS.md"
+    out.parent.mkdir()
+    monkeypatch.setattr(sys, "argv", ["results.py", "--runs", str(runs), "--out", str(out)])
+    results.main()
+    data = Path(__file__).parent / "data"
+    assert out.read_text() == (data / "results_fixture.md").read_text()
+    assert (out.parent / "results-fmnist.md").read_text() == (data / "results_fmnist_fixture.md").read_text()
+    text = out.read_text()
+    for word in ("reproduced", "contradicted", "inconclusive at this budget", "not run yet"):
+        assert f"**{word}** —" in text  # the fixture exercises every verdict
+    claims = [c for section in results.CLAIMS.values() for c in section]
+    assert len(claims) == text.count("** — ") - 3  # one line per claim, plus the three correlation verdicts
+    assert {c.study for c in claims} <= set(results.STUDIES)
+
+
+def test_a_claim_names_its_rows_metric_direction_and_threshold(tmp_path):
+    from .studies_fixture import write_runs
+
+    runs = write_runs(tmp_path / "runs")
+    rows = ("mixed_samples", "dml+cutnmix", "dml+cutmix")  # far apart in the fixture (p = 0.002)
+    up = results.Claim("cutnmix > cutmix", *rows, results.PEERS)
+    down = results.Claim("cutnmix < cutmix", *rows, results.PEERS, higher=False)
+    strict = results.Claim("cutnmix > cutmix at 1e-6", *rows, results.PEERS, alpha=1e-6)
+    a, b, c = results.verdicts(runs, [up, down, strict])
+    words = [line.split("**")[1] for line in (a, b, c)]
+    assert words == ["reproduced", "contradicted", "inconclusive at this budget"], words
+    with pytest.raises(ValueError, match="unknown metric kind"):
+        results.getter(("best", "peer0", "top1"))

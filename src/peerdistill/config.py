@@ -18,6 +18,7 @@ from . import plugins
 from .errors import PeerdistillError, nearest
 from .params import (Decay, Fraction, Interval, NonNegative, NonNegativeInt, Positive, PositiveInt,
                      check_value)
+from .robust_options import RobustOptions
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DataConfig:
             and checked against the source's signature when the run is built (``peerdistill list datasets``).
     """
 
-    name: str = "fashion-mnist"
+    name: str = "fashion_mnist"
     root: str | None = None
     val_split: Fraction = 0.1
     padding: NonNegativeInt | None = None
@@ -155,7 +156,9 @@ class Config:
         optim: the optimizer and learning-rate schedule (``optim.*``).
         eval_every: evaluate on validation and test every k epochs, and always after the last one.
         robustness: a robustness evaluation run after training, e.g. ``{adversarial: true, limit: 500}``; its keys
-            are the options of ``peerdistill eval --robustness`` (``limit`` sets all three limits). None: not run.
+            are the options of ``peerdistill eval --robustness`` (``limit`` sets all three limits), checked when
+            the config is read. A run's config.yaml stores the section as given; ``--resume`` compares it with
+            every default filled in. None: not run.
         log_every: steps between per-step loss records (``steps.jsonl``, which also gets every epoch's last
             step) and progress-bar updates.
         progress_every: seconds between progress lines when stderr is not a terminal.
@@ -187,7 +190,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: PositiveInt = 1
-    robustness: dict[str, Any] | None = None
+    robustness: RobustOptions | None = None
     log_every: PositiveInt = 20
     progress_every: Positive = 30.0
     tensorboard: bool = True
@@ -209,10 +212,15 @@ class Config:
             comp = d[key]
             d[key] = None if comp is None else {"name": comp["name"], **comp["args"]}
         d["data"].update(d["data"].pop("args"))
+        for key in SECTIONS:  # a section is stored as the user gave it
+            value = getattr(self, key)
+            d[key] = None if value is None else value.mapping()
         return d
 
 
 COMPONENTS = ("method", "model", "mixer", "addon")
+# Typed sections read from a mapping (``from_mapping``) and stored as given (``mapping()``), not merged key by key.
+SECTIONS = {"robustness": RobustOptions}
 OPTIONAL = ("mixer", "addon")  # components that may be none
 # Constructor parameters the engine supplies (from the data, or the general data.root), never set as arguments.
 # A source that declares ``image_size`` gets the general data.image_size (when set), and one that declares ``lazy``
@@ -327,6 +335,9 @@ def _set_component(cfg: Config, head: str, rest: str, value: Any) -> None:
 def _set_field(obj: Any, path: list[str], value: Any, dotted: str) -> None:
     names = {f.name for f in fields(obj)} - {"args"}
     key = path[0]
+    if isinstance(obj, Config) and key in SECTIONS:
+        _set_section(obj, path, value)
+        return
     if key not in names and isinstance(obj, DataConfig) and len(path) == 1:
         obj.args[key] = value  # a parameter of the source: checked against its signature when the run is built
         return
@@ -352,6 +363,17 @@ def _set_field(obj: Any, path: list[str], value: Any, dotted: str) -> None:
         value = [plugins.normalize(v) for v in value]
         plugins.load(value)
     setattr(obj, key, value)
+
+
+def _set_section(cfg: Config, path: list[str], value: Any) -> None:
+    """``robustness={...}`` replaces the section; ``robustness.<option>=value`` sets one option of it."""
+    key, cls = path[0], SECTIONS[path[0]]
+    if len(path) > 2:
+        raise PeerdistillError(f"config key {key!r} has no sub-key {'.'.join(path[1:])!r}")
+    if len(path) == 2:
+        current = getattr(cfg, key)
+        value = {**(current.mapping() if current is not None else {}), path[1]: value}
+    setattr(cfg, key, None if value is None or value == "none" else cls.from_mapping(value))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

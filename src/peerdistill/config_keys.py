@@ -56,6 +56,8 @@ def _default(value: Any) -> str:
 def _type(key: str, hint: Any) -> str:
     if key.split(".")[0] in C.COMPONENTS:
         return "a name, or {name: ..., <parameter>: value}" + (" or none" if key in C.OPTIONAL else "")
+    if key in C.SECTIONS:
+        return "{option: value, ...} or none"
     return describe_type(hint)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -12,8 +13,17 @@ from .params import check_value
 T = TypeVar("T")
 
 
+#: The rule every built-in key follows: lower-case words (letters and digits) joined by ``_``
+#: (``fashion_mnist``, ``cs_kd``, ``crop_flip``, ``wrn_16_1``). A ``+`` or ``-`` is never part of a key: where a
+#: key used one, the old spelling is registered as an alias of the canonical one.
+KEY_RULE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+
+
 class Registry(Generic[T]):
     """Maps a lowercase key to a constructor (class or factory function).
+
+    A key may have aliases (older spellings): every method of the registry accepts them, ``canonical`` turns
+    one into the key, and iteration yields canonical keys only.
 
     Example:
         >>> MODELS = Registry("model")
@@ -24,17 +34,38 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, Callable[..., T]] = {}
+        self._aliases: dict[str, str] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register a constructor under ``name`` (and ``aliases``, older spellings that keep working)."""
         def deco(obj: Callable[..., T]) -> Callable[..., T]:
-            if name in self._items:
-                raise KeyError(f"{self.kind} {name!r} registered twice")
+            for key in (name, *aliases):
+                if key in self._items or key in self._aliases:
+                    raise KeyError(f"{self.kind} {key!r} registered twice")
             self._items[name] = obj
+            self._aliases.update(dict.fromkeys(aliases, name))
             return obj
 
         return deco
 
+    def canonical(self, name: str) -> str:
+        """The key ``name`` stands for: the key itself, or the key an alias names (anything else: unchanged)."""
+        return self._aliases.get(name, name)
+
+    def canonical_list(self, names: str) -> str:
+        """A comma-separated list of names (a heterogeneous cohort's ``resnet8,resnet14``) with each name
+        canonical; the text itself when every name already is (its spacing kept)."""
+        parts = [p.strip() for p in names.split(",")]
+        if all(self.canonical(p) == p for p in parts):
+            return names
+        return ",".join(self.canonical(p) for p in parts)
+
+    def aliases(self, name: str) -> list[str]:
+        """The older spellings of key ``name``."""
+        return sorted(a for a, key in self._aliases.items() if key == name)
+
     def get(self, name: str) -> Callable[..., T]:
+        name = self.canonical(name)
         if name not in self._items:
             raise PeerdistillError(
                 f"unknown {self.kind} {name!r}{nearest(name, self._items)}; "
@@ -69,7 +100,7 @@ class Registry(Generic[T]):
         return param_hints(self.get(name))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
@@ -77,6 +108,40 @@ class Registry(Generic[T]):
     def params(self, name: str) -> dict[str, Any]:
         """Hyper-parameters of ``name`` and their defaults (``inspect.Parameter.empty`` if required)."""
         return {p.name: p.default for p in _user_params(self.get(name))}
+
+
+def with_defaults(ctor: Callable[..., Any], then: Callable[[Any], T] | None = None, doc: str | None = None,
+                  **defaults: Any) -> Callable[..., T]:
+    """One definition, another use: ``ctor`` with other documented defaults, its result passed to ``then``.
+
+    The returned constructor has ``ctor``'s parameters, annotations (so the same checks) and body; only the
+    defaults named here differ. A registry can register it beside ``ctor`` (a mixer used as an augmentation).
+
+    Args:
+        ctor: the one definition (a class or factory function).
+        then: wraps what ``ctor`` built (``None``: returned as is).
+        doc: the docstring of this use (default: ``ctor``'s).
+        defaults: parameter name -> this use's default; each must be a parameter of ``ctor``.
+    """
+    sig = inspect.signature(ctor)
+    unknown = sorted(set(defaults) - set(sig.parameters))
+    if unknown:
+        raise KeyError(f"{getattr(ctor, '__name__', ctor)} has no parameter {', '.join(unknown)}")
+    new_sig = sig.replace(parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p
+                                      for p in sig.parameters.values()], return_annotation=inspect.Signature.empty)
+
+    def build(*args: Any, **kwargs: Any) -> T:
+        bound = new_sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        obj = ctor(*bound.args, **bound.kwargs)
+        return then(obj) if then is not None else obj
+
+    build.__signature__ = new_sig  # type: ignore[attr-defined]
+    build.__annotations__ = param_hints(ctor)
+    build.__doc__ = doc if doc is not None else inspect.getdoc(ctor)
+    build.__name__ = build.__qualname__ = getattr(ctor, "__name__", "build")
+    build.__module__ = getattr(ctor, "__module__", __name__)
+    return build
 
 
 def plain(value: Any) -> Any:

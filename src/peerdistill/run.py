@@ -4,6 +4,7 @@ Above the engine (which trains) and the evaluation (which a config's ``robustnes
 this module owns the run directory, its summary, plots and pending evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -22,7 +23,6 @@ from .engine.trainer import Trainer
 from .errors import PeerdistillError
 from .evaluation.robust import robust_evaluate
 from .fileio import write_json
-from .metrics.robust_options import options_from_mapping
 from .report.configs import NEUTRAL_KEYS, canon, flat_config, under
 from .report.logger import RunLogger
 from .report.plots import plot_history, plot_reliability
@@ -78,7 +78,7 @@ def check_resume(cfg: C.Config, out: Path) -> None:
         raise PeerdistillError(f"{out} has no config.yaml: it is not a run directory")
     stored_cfg = C.load(stored_path, stored=True)
     validate_config(stored_cfg)  # resolved as ``cfg`` is: a run written before its defaults were stored compares equal
-    stored, new = flat_config(stored_cfg.to_dict()), flat_config(cfg.to_dict())
+    stored, new = flat_config(_compared(stored_cfg)), flat_config(_compared(cfg))
     for key in sorted(set(stored) | set(new)):
         if under(key, RESUMABLE):
             continue
@@ -87,6 +87,15 @@ def check_resume(cfg: C.Config, out: Path) -> None:
             raise PeerdistillError(f"--resume continues {out} exactly as it was configured, but {key} would change "
                                    f"({a!r} -> {b!r}); only {', '.join(RESUMABLE)} may be given on resume "
                                    f"(to train longer or differently, start a new run)")
+
+
+def _compared(cfg: C.Config) -> dict[str, Any]:
+    """The config as ``--resume`` compares it: as stored, but the robustness section normalised (every option's
+    value), so the same evaluation written with fewer or more of its defaults is no change."""
+    d = cfg.to_dict()
+    if cfg.robustness is not None:
+        d["robustness"] = cfg.robustness.normalised()
+    return d
 
 
 def train(cfg: C.Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
@@ -259,7 +268,7 @@ def pending_robustness(out: Path, cfg: C.Config, trainer: Trainer | None = None)
     marker (and the parts already written), so ``--resume`` runs it again; the training results stay.
     ``trainer``: the run's own, reused for the evaluation instead of building another."""
     try:
-        robust_evaluate(out, options_from_mapping(cfg.robustness), "last.pt", cfg.threads or None, trainer=trainer)
+        robust_evaluate(out, dataclasses.replace(cfg.robustness), "last.pt", cfg.threads or None, trainer=trainer)
     except PeerdistillError as e:
         raise PeerdistillError(f"training finished (summary.json is written) but the robustness evaluation "
                                f"failed: {e}; `peerdistill train --resume {out}` runs it again") from None

@@ -14,13 +14,13 @@ from ..params import Option, PositiveInt, parse_fraction, parse_list, parse_valu
 
 
 def _hints() -> dict[str, Any]:
-    from ..metrics.robust_options import RobustOptions
+    from ..robust_options import RobustOptions
 
     return typing.get_type_hints(RobustOptions, include_extras=True)
 
 
 def _opt(name: str, parse: Any = parse_value, note: str = "") -> Option:
-    """The argparse type of the :class:`~peerdistill.metrics.robust_options.RobustOptions` field ``name``: its annotation is
+    """The argparse type of the :class:`~peerdistill.robust_options.RobustOptions` field ``name``: its annotation is
     the option's valid range, so ``--eps 8`` is refused before anything is loaded or written."""
     return Option(_hints()[name], parse, note)
 
@@ -32,8 +32,8 @@ EPS_NOTE = " (a fraction of the [0, 1] pixel range: 8/255 is 8 of 255 levels)"
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~peerdistill.metrics.robust_options.RobustOptions` the command line asks for."""
-    from ..metrics.robust_options import RobustOptions
+    """The :class:`~peerdistill.robust_options.RobustOptions` the command line asks for."""
+    from ..robust_options import RobustOptions
 
     every = args.robustness
     o = RobustOptions(adversarial=every or args.adversarial, corruptions=every or args.corruptions,

@@ -1,5 +1,5 @@
 """``peerdistill list``: the registries (methods, add-ons, models, datasets, mixers, augmentations) with
-their parameters, and the config keys."""
+their parameters, and the config keys. Names are the canonical keys; an older spelling still accepted is noted."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> None:
         for name in reg:
             params = {k: v for k, v in reg.params(name).items() if k not in skip}
             doc = " ".join((inspect.getdoc(reg.get(name)) or "").split("\n\n")[0].split())
-            print(f"  {name:<16} {doc}")
+            aliases = reg.aliases(name)
+            also = f" (also accepted: {', '.join(aliases)})" if aliases else ""
+            print(f"  {name:<16} {doc}{also}")
             if params:
                 print(f"  {'':<16}   {_fmt_params(params)}")
         print()

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..errors import PeerdistillError, nearest
-from ..params import NonNegativeInt, Positive
-from ..registry import Registry
+from ..params import NonNegativeInt
+from ..registry import Registry, with_defaults
 from .batch_augment import cutout, random_crop, random_flip
 from .host import host_values, to_device
 from .mix import MIXERS, CutMix, Mixer, MixRecord, MixUp
@@ -118,7 +118,7 @@ class Flip(Augmentation):
         return Augmented(random_flip(x, ctx.gen, ctx.shard))
 
 
-@AUGMENTATIONS.register("crop+flip")
+@AUGMENTATIONS.register("crop_flip", aliases=("crop+flip",))
 class CropFlip(Augmentation):
     """Random crop of the original size from the zero-padded image, then a horizontal flip.
 
@@ -262,16 +262,21 @@ class MixerAugmentation(Augmentation):
         return Augmented(x) if rec is None else Augmented(rec.mix_images(x), rec)
 
 
-@AUGMENTATIONS.register("mixup")
-def mixup(alpha: Positive = 1.0, derangement: bool = False) -> Augmentation:
-    """MixUp as Good-DA uses it: lam ~ Beta(1, 1), a random permutation, every batch mixed."""
-    return MixerAugmentation(MixUp(alpha, 1.0, derangement))
+def mixer_augmentation(mixer: type[Mixer], doc: str, **defaults: Any) -> Any:
+    """A registered mixer used as an augmentation: the mixer's one definition (parameters, checks, kernel and
+    draw order) with this use's documented defaults: every batch mixed (``prob=1``) plus ``defaults``."""
+    return with_defaults(mixer, MixerAugmentation, doc, **{"prob": 1.0, **defaults})
 
 
-@AUGMENTATIONS.register("cutmix")
-def cutmix(alpha: Positive = 1.0, derangement: bool = True) -> Augmentation:
-    """CutMix as Good-DA uses it: lam ~ Beta(1, 1), ``rand_bbox``, a derangement, every batch mixed."""
-    return MixerAugmentation(CutMix(alpha, 1.0, derangement))
+# Good-DA's extra batch: MixUp with lam ~ Beta(1, 1) and a random permutation, CutMix with a derangement
+# ([CODE helper/loops.py ``mixup_data``, ``cutmix``]); ``prob`` and every other parameter stay settable, so
+# ``extra_aug=cutmix extra_aug_args={prob: 0.5, derangement: false}`` is ``mixer=cutmix`` draw for draw.
+AUGMENTATIONS.register("mixup")(mixer_augmentation(
+    MixUp, "MixUp as Good-DA uses it (the mixer ``mixup``): lam ~ Beta(1, 1), a random permutation, every batch "
+           "mixed."))
+AUGMENTATIONS.register("cutmix")(mixer_augmentation(
+    CutMix, "CutMix as Good-DA uses it (the mixer ``cutmix`` with ``prob=1``, ``derangement=true``): lam ~ Beta(1, 1), "
+            "``rand_bbox``, a derangement, every batch mixed.", derangement=True))
 
 
 class PickAugmentation(MixerAugmentation):
@@ -308,6 +313,7 @@ def aug_label(name: str, args: dict[str, Any] | None = None) -> str:
     (``cutmixpick:criterion=student_entropy``); ``none`` for no augmentation."""
     if not name or name == "none":
         return "none"
+    name = AUGMENTATIONS.canonical(name)  # crop+flip (an older spelling) is crop_flip
     defaults = augmentation_params(name)
     kept = {k: v for k, v in sorted((args or {}).items()) if k not in defaults or defaults[k] != v}
     return name + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in kept.items()) if kept else "")
@@ -340,6 +346,6 @@ def parse_aug_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 #: The paper's list (spec §5.2), in its order; CutMixPick (S. ent.) needs a student. Cutout's default is the
-#: code's (one hole location per batch); flip and crop+flip draw per image (their ``same_on_batch`` is the code's).
-PAPER_AUGS = ("identity", "flip", "crop+flip", "cutout", "autoaugment", "mixup", "cutmix",
+#: code's (one hole location per batch); flip and crop_flip draw per image (their ``same_on_batch`` is the code's).
+PAPER_AUGS = ("identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix",
               "cutmixpick:criterion=student_entropy", "cutmixpick:criterion=teacher_entropy")

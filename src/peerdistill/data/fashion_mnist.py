@@ -54,7 +54,7 @@ def find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-@DATASETS.register("fashion-mnist")
+@DATASETS.register("fashion_mnist", aliases=("fashion-mnist",))
 def fashion_mnist(root: str | None = None) -> DatasetSplits:
     """Fashion-MNIST: 60k train / 10k test, 28x28 grey, 10 classes."""
     roots = [Path(root)] if root else [Path(p) for p in DEFAULT_ROOTS]

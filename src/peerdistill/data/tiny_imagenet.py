@@ -89,7 +89,7 @@ def listing(d: Path) -> tuple[list[str], list[Path], list[int], list[Path], list
     return wnids, train_files, train_labels, val_files, val_labels
 
 
-@DATASETS.register("tiny-imagenet")
+@DATASETS.register("tiny_imagenet", aliases=("tiny-imagenet",))
 def tiny_imagenet(root: str | None = None) -> DatasetSplits:
     """Tiny-ImageNet: 100k train / 10k test (the official val split), 64x64 RGB, 200 classes.
 
@@ -119,4 +119,4 @@ def tiny_imagenet(root: str | None = None) -> DatasetSplits:
     # uses Resize(64) + RandomCrop(64, padding=4).
     return DatasetSplits(ImageSet(a["train_x"], a["train_y"]), ImageSet(a["test_x"], a["test_y"]),
                          class_names(d, wnids), mean=MEAN, std=STD, crop_padding=8, flip=True,
-                         meta={"path": str(d), "wnids": wnids, "test_split": "val"}).check("tiny-imagenet")
+                         meta={"path": str(d), "wnids": wnids, "test_split": "val"}).check("tiny_imagenet")

@@ -20,7 +20,6 @@ from ..data.stream import HostTransform
 from ..data.streamed import StreamSplits, default_workers, should_stream, stream_bundle
 from ..errors import PeerdistillError, nearest
 from ..methods import ADDONS, METHODS, AddOn, DataInfo, Method, Needs
-from ..metrics.robust_options import options_from_mapping
 from ..models import MODELS
 from ..models.adapt import check_peers
 from ..models.base import check_model_args
@@ -166,7 +165,9 @@ def make_mixer(cfg: Config) -> Mixer | None:
 
 def resolve_components(cfg: Config) -> None:
     """Check every component's and the data source's arguments and fill in the defaults of the others, so
-    that the config written into a run (and compared on ``--resume``) names every value the run uses."""
+    that the config written into a run (and compared on ``--resume``) names every value the run uses.
+    Names given in an older spelling (an alias: ``fashion-mnist``) become the canonical key (``fashion_mnist``)."""
+    canonical_names(cfg)
     cfg.data.args = source_args(cfg.data)
     if "image_size" in DATASETS.params(cfg.data.name):
         if cfg.data.image_size is None:  # the config names the size used
@@ -187,6 +188,16 @@ def resolve_components(cfg: Config) -> None:
             comp.args = registry.resolve(comp.name, comp.args)
 
 
+def canonical_names(cfg: Config) -> None:
+    """Every registry name of the config in its canonical spelling (aliases resolved; unknown names unchanged,
+    for the registry's own error later)."""
+    cfg.data.name = DATASETS.canonical(cfg.data.name)
+    cfg.model.name = MODELS.canonical_list(cfg.model.name)
+    for comp, registry in ((cfg.method, METHODS), (cfg.mixer, MIXERS), (cfg.addon, ADDONS)):
+        if comp is not None:
+            comp.name = registry.canonical(comp.name)
+
+
 @dataclass
 class Built:
     data: DataBundle
@@ -205,7 +216,7 @@ def validate_config(cfg: Config) -> tuple[Method, list[AddOn]]:
     if cfg.mixer is not None:
         make_mixer(cfg)
     if cfg.robustness is not None:
-        options_from_mapping(cfg.robustness).check()
+        dataclasses.replace(cfg.robustness).check()  # the options together (each was checked when read)
     if len(cfg.optim.betas) != 2:
         raise PeerdistillError(f"config key 'optim.betas' must hold two values, got {cfg.optim.betas}")
     method = METHODS.build(cfg.method.name, **cfg.method.args)

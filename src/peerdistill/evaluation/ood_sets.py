@@ -11,7 +11,7 @@ from ..errors import PeerdistillError, nearest
 from ..metrics.image_ops import LUMA
 
 NOISE = ("gaussian", "uniform")
-PAIRED = {"fashion-mnist": "mnist", "mnist": "fashion-mnist", "cifar10": "cifar100", "cifar100": "cifar10"}
+PAIRED = {"fashion_mnist": "mnist", "mnist": "fashion_mnist", "cifar10": "cifar100", "cifar100": "cifar10"}
 
 
 def subset(n: int, limit: int, seed: int) -> np.ndarray:
@@ -28,7 +28,8 @@ def ood_sets(names: list[str], dataset: str, test: ImageSet, meta: dict[str, obj
         return _ood_set(name, dataset, test, meta, limit, seed, root, required)
 
     out: dict[str, np.ndarray] = {}
-    for name in (n.strip() for n in names if n.strip()):
+    dataset = DATASETS.canonical(dataset)  # a run written with an older spelling (fashion-mnist)
+    for name in (DATASETS.canonical(n.strip()) for n in names if n.strip()):
         if name != "auto":
             out[name] = get(name, True)
             continue

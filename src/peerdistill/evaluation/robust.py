@@ -27,7 +27,7 @@ from ..errors import PeerdistillError, nearest
 from ..fileio import find_dataset_dir, write_json
 from ..metrics import corruptions as CR
 from ..metrics import ood as OOD
-from ..metrics.robust_options import RobustOptions
+from ..robust_options import RobustOptions
 from ..metrics.robustness import Attacked, fgsm, fgsm_normalised, pgd
 from ..seeds import seed_stream
 from ..text import plural

@@ -36,17 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PeerdistillError, nearest
+from ..errors import PeerdistillError
+from ..robust_options import ALL, COMMON, DEFAULT, NEEDS_EXTRA, resolve_families  # noqa: F401 (the family names)
 from . import image_ops as ops
 from .image_ops import Rngs
 
-# The 19 CIFAR-C files, in the reference order (15 "common" + 4 "extra"); the index seeds the streams.
-ALL = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-       "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-       "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
-COMMON = ALL[:15]
-NEEDS_EXTRA = ("frost", "spatter")
-DEFAULT = tuple(f for f in COMMON if f not in NEEDS_EXTRA)  # 14 families, no extra needed
 EXTRA_HINT = "pip install 'peerdistill[corruptions]' (or pip install imagecorruptions-imaug)"
 
 
@@ -284,20 +278,6 @@ SEVERITIES: dict[str, tuple[object, ...]] = {
                 (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),
 }
 FAMILIES: dict[str, Callable[..., np.ndarray]] = {name: globals()[name] for name in ALL}
-
-
-def resolve_families(spec: str | list[str]) -> list[str]:
-    """``default`` (14, no extra), ``common`` (the 15 of CIFAR-C's mean), ``all`` (19) or names."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for name in (n.strip() for n in names if n.strip()):
-        group = {"default": DEFAULT, "common": COMMON, "all": ALL}.get(name)
-        if group is None and name not in FAMILIES:
-            raise PeerdistillError(f"unknown corruption {name!r}{nearest(name, [*FAMILIES, 'default', 'common', 'all'])}")
-        out += [f for f in (group or (name,)) if f not in out]
-    if not out:
-        raise PeerdistillError("no corruption family selected")
-    return out
 
 
 def corrupt(images: np.ndarray, family: str, severity: int, seed: int = 0,

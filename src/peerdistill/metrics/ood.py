@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PeerdistillError
+from ..robust_options import ODIN_EPS, ODIN_T
 from .robustness import Attacked, input_gradient
 
-# ODIN's defaults (Liang et al., ICLR 2018, §4: T = 1000 for every network; the released code's CIFAR
-# DenseNet magnitude 0.0014).
-ODIN_T = 1000.0
-ODIN_EPS = 0.0014
 
 
 def msp(scores: Tensor) -> Tensor:

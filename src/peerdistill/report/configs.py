@@ -16,6 +16,7 @@ from ..errors import PeerdistillError
 from ..methods import ADDONS, METHODS
 from ..models import MODELS
 from ..registry import Registry, plain
+from ..robust_options import normalised_section
 
 # The registry behind each component key.
 REGISTRIES: dict[str, Registry[Any]] = {"method": METHODS, "model": MODELS, "mixer": MIXERS, "addon": ADDONS}
@@ -35,12 +36,22 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     cfg = _merge({k: v for k, v in defaults.items() if k not in REGISTRIES}, raw)
     for key, registry in REGISTRIES.items():  # a component is replaced whole, never merged with the default
         comp = _component(raw.get(key, defaults.get(key)))
+        if comp is not None:
+            comp = {**comp, "name": canonical_name(registry, comp["name"])}
         cfg[key] = None if comp is None else {"name": comp["name"], **component_defaults(registry, comp["name"]),
                                               **comp}
+    cfg["robustness"] = normalised_section(cfg.get("robustness"))  # stored as given, compared with its defaults
     if isinstance(cfg.get("data"), dict):  # the data source's own parameters, at their defaults where not set
-        source = component_defaults(DATASETS, cfg["data"].get("name", ""), ENGINE_ARGS["data"])
-        cfg["data"] = {**source, **cfg["data"]}
+        name = canonical_name(DATASETS, cfg["data"].get("name", ""))
+        source = component_defaults(DATASETS, name, ENGINE_ARGS["data"])
+        cfg["data"] = {**source, **cfg["data"], "name": name}
     return cfg
+
+
+def canonical_name(registry: Registry[Any], name: Any) -> Any:
+    """A registry name (or a comma-separated list of model names) in its canonical spelling: a run written
+    with an older spelling (``fashion-mnist``) compares equal to one written with the key (``fashion_mnist``)."""
+    return registry.canonical_list(name) if isinstance(name, str) else name
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

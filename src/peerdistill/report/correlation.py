@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..data.augmentations import aug_label  # noqa: E402
+from ..data.augmentations import AUGMENTATIONS, aug_label  # noqa: E402
 from ..errors import PeerdistillError  # noqa: E402
 from .configs import NEUTRAL_KEYS, flat_config, under  # noqa: E402
 from .table import RunSet  # noqa: E402
@@ -55,10 +55,17 @@ def student_aug(config: dict[str, Any]) -> str | None:
     return aug_label(method.get("extra_aug") or "", method.get("extra_aug_args") or {})
 
 
+def canonical_label(label: str) -> str:
+    """A stored label with its augmentation's canonical name (a result written as ``crop+flip`` is ``crop_flip``)."""
+    name, sep, rest = str(label).partition(":")
+    return AUGMENTATIONS.canonical(name) + sep + rest
+
+
 def collect(tstddev: dict[str, Any], runs: RunSet, head: str = "peer0", metric: str = "nll",
             ) -> tuple[list[Point], list[str]]:
     """The points of the study and notes on runs or augmentations left out."""
-    points = {r["aug"]: Point(r["aug"], float(r["t_stddev"])) for r in tstddev.get("results", [])}
+    labels = [(canonical_label(r["aug"]), r) for r in tstddev.get("results", [])]
+    points = {label: Point(label, float(r["t_stddev"])) for label, r in labels}
     notes = list(runs.skipped)
     for run in runs.runs:
         aug = student_aug(run.config)
