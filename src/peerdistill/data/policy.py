@@ -89,9 +89,8 @@ class PolicyAugment:
         if self.select == "batch":
             out = self._call(None, x, gen)
         else:
-            out = x
+            out = x.clone()  # written in place, group by group
             for ops in self._draw(images.shape[0], gen).unbind(1):  # one position at a time
-                out = out.clone() if out is x else out
                 for k in ops.unique().tolist():
                     rows = (ops == k).nonzero().flatten().to(x.device)
                     out[rows] = self._call(k, out[rows], gen)
