@@ -43,7 +43,7 @@ def _pil_open(data: bytes):  # noqa: ANN202 - a PIL image
         raise DecodeError(str(e) or type(e).__name__) from None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+def jpeg_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG simplejpeg can decode to RGB/grey, else None (use Pillow)."""
     sj = _simplejpeg()
     if sj is None or not data.startswith(_JPEG_MAGIC):
@@ -57,7 +57,7 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
 
 def image_size(data: bytes) -> tuple[int, int]:
     """``(width, height)`` of an encoded image, from its header alone."""
-    size = _jpeg_header(data)
+    size = jpeg_header(data)
     if size is not None:
         return size
     with _pil_open(data) as im:
@@ -74,7 +74,8 @@ def reduction(crop_sizes: list[tuple[int, int]], out_size: tuple[int, int]) -> i
     return 1
 
 
-def decode(data: bytes, channels: int = 3, reduce: int = 1) -> tuple[np.ndarray, int]:
+def decode(data: bytes, channels: int = 3, reduce: int = 1,
+           jpeg_size: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
     """Decode an encoded image into uint8 ``(H, W, channels)``.
 
     Args:
@@ -82,6 +83,8 @@ def decode(data: bytes, channels: int = 3, reduce: int = 1) -> tuple[np.ndarray,
         channels: 3 (RGB) or 1 (grey).
         reduce: Decode JPEGs at ``1 / reduce`` of the size (1, 2, 4, 8): the output is
             ``ceil(W / reduce) x ceil(H / reduce)``. Other formats ignore it.
+        jpeg_size: What :func:`jpeg_header` gave for these bytes, when it gave a size (saves reading the
+            header again); None: read it here.
 
     Returns:
         The pixels and the reduction actually applied (1 for non-JPEG images).
@@ -90,7 +93,7 @@ def decode(data: bytes, channels: int = 3, reduce: int = 1) -> tuple[np.ndarray,
         DecodeError: the bytes are not a decodable image (truncated, corrupt, another format).
     """
     sj = _simplejpeg()
-    size = _jpeg_header(data)
+    size = jpeg_size or jpeg_header(data)
     if sj is not None and size is not None:
         w, h = size
         try:

