@@ -73,6 +73,27 @@ def test_auto_streams_when_the_decoded_set_exceeds_free_memory(folder, monkeypat
     assert t.augment.mean.flatten().tolist() == pytest.approx(list(streamed.IMAGENET_MEAN))
 
 
+@pytest.mark.parametrize("cores, threads, world, device, expected", [
+    (2, 2, 1, "cpu", 0),    # the compute threads take both cores: decode between steps
+    (32, 8, 1, "cpu", 24),  # threads=8 leaves 24 cores to the workers
+    (32, 8, 2, "cpu", 8),   # two processes share the 32 cores
+    (2, 2, 1, "cuda", 1),   # on a GPU the host cores serve the workers, at least one
+    (16, 16, 2, "cuda", 7),
+])
+def test_default_workers_leave_the_cpu_step_its_cores(monkeypatch, cores, threads, world, device, expected):
+    monkeypatch.setattr(streamed.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(streamed.torch, "get_num_threads", lambda: threads)
+    assert streamed.default_workers(world, device) == expected
+
+
+def test_an_unset_worker_count_follows_the_training_device(folder, monkeypatch):
+    monkeypatch.setattr(streamed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(streamed.torch, "get_num_threads", lambda: 3)
+    t = Trainer(stream_cfg(folder, "data.workers=null"))
+    assert t.data.train.workers == 1  # the CPU rule (4 cores - 3 threads), not the GPU one (4 - 1)
+    assert Trainer(stream_cfg(folder, "data.stream=true", "data.workers=2")).data.train.workers == 2
+
+
 def test_per_peer_views_are_independent_crops_of_the_same_image(folder):
     t = Trainer(stream_cfg(folder, "method=kdcl", "peers=3"))
     batch = next(iter(t.train_loader))

@@ -56,8 +56,9 @@ class DataConfig:
             instead of decoding the whole set into memory: ``true``, ``false`` or ``auto`` (stream when the
             decoded set would take more than half of the free host memory, or of the free GPU memory when
             training on one). Only sources that read image files can stream (``imagefolder``, ``shards``).
-        workers: streaming: worker processes that decode and crop (default: one per CPU core of this process,
-            less one for the training loop, at least one); 0 decodes in the training process.
+        workers: streaming: worker processes that decode and crop; 0 decodes in the training process.
+            Default: on a GPU, one per CPU core of this process, less one for the training loop, at least one;
+            on the CPU, the cores the compute threads (``threads``) leave free, often 0.
         image_size: side of the square images the networks see (default: the source's own, e.g. 32 for an
             in-memory ``imagefolder``, 224 for ``shards``); the in-memory ``imagefolder`` and ``synthetic``
             read it too.

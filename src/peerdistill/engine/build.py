@@ -255,7 +255,7 @@ def build_run(cfg: Config, device: torch.device) -> Built:
             raise PeerdistillError("the robustness evaluation needs in-memory data; remove robustness or set "
                                    "data.stream=false")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        workers = cfg.data.workers if cfg.data.workers is not None else default_workers(world)
+        workers = cfg.data.workers if cfg.data.workers is not None else default_workers(world, device)
         data = stream_bundle(splits, cfg.data.val_split, cfg.seed, device, stream_image_size(cfg, splits), workers,
                              *host_transforms(cfg, splits))
         in_channels, padding = splits.channels, 0

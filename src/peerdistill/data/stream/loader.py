@@ -76,13 +76,14 @@ class StreamDataset(Dataset):
         index = torch.tensor([i for _, i in keys], dtype=torch.int64)
         labels = torch.from_numpy(self.samples.labels[index.numpy()])
         pixels = empty_views(len(keys), self.transform)
+        rows = pixels.numpy()  # the transform writes each sample into its numpy row
         for row, (epoch, i) in enumerate(keys):
-            error = self._one(epoch, i, pixels[row])
+            error = self._one(epoch, i, rows[row])
             if error:
                 return HostBatch(pixels[:0], labels[:0], index[:0], error)
         return HostBatch(pixels, labels, index)
 
-    def _one(self, epoch: int, i: int, out: Tensor) -> str | None:
+    def _one(self, epoch: int, i: int, out: np.ndarray) -> str | None:
         try:
             data = self.samples.read(i)
         except OSError as e:
