@@ -13,7 +13,8 @@ steps taken seconds apart. A pause before each block lets the other variant's wo
 prefetch queue, so they do not run into this block; a streamed variant still starts each block with its
 queue full (2 batches per worker), which is up to 2/block of its decoding done ahead: use blocks of 10 or
 more steps when the decoding's share of a step matters. Reports the median ratio of the rounds with a bootstrap 95 % interval, and each
-variant's images/s over all its blocks. Workers of a streamed variant stay alive (persistent) while the
+variant's images/s over all its blocks and the time per step spent waiting for the next batch (the loader:
+with ``data.workers=0`` the decoding itself). Workers of a streamed variant stay alive (persistent) while the
 other variant runs; they sit idle once their prefetch queue is full.
 """
 from __future__ import annotations
@@ -41,14 +42,22 @@ def batches(trainer: Trainer):
         epoch += 1
 
 
-def block(trainer: Trainer, it, steps: int) -> float:
+def block(trainer: Trainer, it, steps: int, fetch: list[float] | None = None) -> float:
+    """Seconds for ``steps`` steps; ``fetch`` receives the seconds spent waiting for batches (host time:
+    on a GPU the step's kernels run on asynchronously, so there it is not the step's share)."""
     t0 = time.perf_counter()
     terms = {}
+    waited = 0.0
     for _ in range(steps):
-        terms = trainer.train_step(next(it))
+        t = time.perf_counter()
+        batch = next(it)
+        waited += time.perf_counter() - t
+        terms = trainer.train_step(batch)
     trainer._check_finite(terms)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
+    if fetch is not None:
+        fetch.append(waited)
     return time.perf_counter() - t0
 
 
@@ -72,10 +81,11 @@ def main() -> None:
         t.timer.enabled = False
         block(t, its[v], args.warmup)
     secs: dict[str, list[float]] = {"A": [], "B": []}
+    fetch: dict[str, list[float]] = {"A": [], "B": []}
     for r in range(args.rounds):
         for v in ("AB" if r % 2 == 0 else "BA"):
             time.sleep(args.pause)
-            secs[v].append(block(trainers[v], its[v], args.block))
+            secs[v].append(block(trainers[v], its[v], args.block, fetch[v]))
     teardown()
     ratios = np.array(secs["A"]) / np.array(secs["B"])  # B's throughput relative to A's
     rng = np.random.default_rng(0)
@@ -86,10 +96,14 @@ def main() -> None:
               "images_per_s_b": bs * args.block * args.rounds / sum(secs["B"]),
               "median_ratio": float(np.median(ratios)),
               "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-              "ratios": [round(float(x), 4) for x in ratios], "threads": torch.get_num_threads(),
+              "ratios": [round(float(x), 4) for x in ratios],
+              **{f"ms_per_step_{v.lower()}": 1000 * sum(secs[v]) / (args.rounds * args.block) for v in "AB"},
+              **{f"fetch_ms_per_step_{v.lower()}": 1000 * sum(fetch[v]) / (args.rounds * args.block) for v in "AB"}, "threads": torch.get_num_threads(),
               "load": os.getloadavg()}
-    print(f"A {' '.join(args.a) or '(shared)'}: {report['images_per_s_a']:.1f} images/s")
-    print(f"B {' '.join(args.b) or '(shared)'}: {report['images_per_s_b']:.1f} images/s")
+    for v, extra in (("a", args.a), ("b", args.b)):
+        print(f"{v.upper()} {' '.join(extra) or '(shared)'}: {report[f'images_per_s_{v}']:.1f} images/s, "
+              f"{report[f'ms_per_step_{v}']:.1f} ms per step of which {report[f'fetch_ms_per_step_{v}']:.1f} "
+              f"waiting for the batch")
     print(f"B/A median of {args.rounds} rounds: {report['median_ratio']:.3f} "
           f"(bootstrap 95 % {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f}); "
           f"spread of rounds {statistics.quantiles(ratios.tolist(), n=4)}")

@@ -101,10 +101,9 @@ def default_workers(world_size: int = 1, device: torch.device | str = "cuda") ->
 
     On an accelerator: one worker per CPU core of this process's share, less one for the training loop, at
     least one. On the CPU the step's compute threads (``torch.get_num_threads()``) already occupy cores, so
-    a worker only gets the cores they leave free, and none when they take them all: a worker that shares a
-    core with a compute thread stalls the whole parallel region (streamed/in-memory training throughput,
-    2 cores, 2 threads: 92 % with one worker, 98 % with the decoding in the training process;
-    docs/imagenet.md).
+    a worker only gets the cores they leave free, and none when they take them all: there a worker takes
+    the same CPU time from the step as decoding between steps (measured equal within noise on 2 cores,
+    docs/imagenet.md) and displaces a compute thread mid parallel region, and it costs a process.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = cores // world_size
