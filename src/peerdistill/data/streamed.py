@@ -96,7 +96,7 @@ def should_stream(mode: bool | str, splits: StreamSplits, image_size: int, devic
     return decoded_bytes(splits, image_size) > MEMORY_SHARE * free_memory(device)
 
 
-def default_workers(world_size: int = 1, device: torch.device | str = "cuda") -> int:
+def default_workers(world_size: int, device: torch.device | str) -> int:
     """``data.workers`` when the config leaves it unset.
 
     On an accelerator: one worker per CPU core of this process's share, less one for the training loop, at
